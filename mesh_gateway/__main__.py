@@ -1,0 +1,3 @@
+from mesh_gateway.cli import main
+
+raise SystemExit(main())

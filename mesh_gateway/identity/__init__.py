@@ -1,0 +1,1 @@
+"""Identity: the internal CA, SVID credentials and TLS contexts built from them."""
