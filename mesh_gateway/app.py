@@ -7,8 +7,10 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -47,6 +49,45 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None, *,
+                     shutdown_timeout_s: float) -> tuple[web.BaseRunner, tuple[str, int]]:
+    """Bind `address` and serve `edge` on it; returns the runner (to clean up) and the bound (host, port)."""
+    runner = web.ServerRunner(edge.server(), shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    try:
+        sock = bind(address)
+    except StartupError:
+        await runner.cleanup()
+        raise
+    await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+    host, port = sock.getsockname()[:2]
+    return runner, (host, port)
+
+
+async def serve_admin(admin: Admin, address: str) -> tuple[web.BaseRunner, tuple[str, int]]:
+    runner = web.AppRunner(admin.app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        sock = bind(address)
+    except StartupError:
+        await runner.cleanup()
+        raise
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    return runner, (host, port)
+
+
+class Service(Protocol):
+    """What `run_until_signalled` drives: the gateway, or a sidecar (mesh_gateway/sidecar.py)."""
+
+    supervisor: Supervisor
+
+    @property
+    def drain_timeout_s(self) -> float: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 class Gateway:
@@ -104,23 +145,20 @@ class Gateway:
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
                             tls=listener.tls is not None)
             server_tls = self._server_tls(listener.tls) if listener.tls else None
-            runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
-            await runner.setup()
-            sock = bind(listener.address)
-            site = web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
-            await site.start()
+            runner, address = await serve_edge(edge, listener.address, server_tls.front if server_tls else None,
+                                               shutdown_timeout_s=self.config.drain_timeout_s)
             self._runners.append(runner)
             self.edges.append(edge)
-            self.addresses[listener.name] = sock.getsockname()[:2]
-        admin_runner = web.AppRunner(self.admin.app, access_log=None, shutdown_timeout=1.0)
-        await admin_runner.setup()
-        admin_sock = bind(self.config.admin.address)
-        await web.SockSite(admin_runner, admin_sock).start()
+            self.addresses[listener.name] = address
+        admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
         self._runners.append(admin_runner)
-        self.addresses["admin"] = admin_sock.getsockname()[:2]
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.config.drain_timeout_s
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
@@ -131,7 +169,7 @@ class Gateway:
         await self.forwarder.close()
 
 
-async def run_until_signalled(gateway: Gateway) -> int:
+async def run_until_signalled(gateway: Service) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,7 +180,7 @@ async def run_until_signalled(gateway: Gateway) -> int:
     await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
     failed.cancel()
     stopping.cancel()
-    log.info("shutting down: draining for up to %ss", gateway.config.drain_timeout_s)
+    log.info("shutting down: draining for up to %ss", gateway.drain_timeout_s)
     await gateway.stop()
     if gateway.supervisor.failure:
         log.error("%s", gateway.supervisor.failure)

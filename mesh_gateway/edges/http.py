@@ -31,13 +31,17 @@ from mesh_gateway.upstream.http import BodyTooLarge
 log = logging.getLogger("mesh_gateway.edge")
 
 CompletionHook = Callable[[Exchange], None]
+RequestRewrite = Callable[[RequestInfo], RequestInfo]
+"""Turns the request as received into the request as routed (e.g. the sidecar's `/<service>/...` addressing);
+raises a GatewayError to refuse it."""
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class HttpEdge:
     def __init__(self, *, name: str, pipeline: Pipeline, limits: Limits, tls: bool,
-                 on_complete: list[CompletionHook] | None = None) -> None:
+                 on_complete: list[CompletionHook] | None = None, rewrite: RequestRewrite | None = None) -> None:
         self.name = name
+        self._rewrite = rewrite
         self._pipeline = pipeline
         self._limits = limits
         self._scheme = "https" if tls else "http"
@@ -54,6 +58,8 @@ class HttpEdge:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             info = self._request_info(request, request_id)
+            if self._rewrite is not None:
+                info = self._rewrite(info)
         except GatewayError as error:
             return await self._write(request, error_response(error, request_id), None)
         exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))

@@ -1,0 +1,155 @@
+"""Composition root for sidecar mode: one local service, an mTLS inbound listener in front of it and a loopback
+outbound listener through which it calls the rest of the mesh. Same edges, pipeline and forwarder as the gateway;
+only the wiring differs (two pipelines, routes derived from config and catalog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+from aiohttp import web
+
+from mesh_gateway.app import (
+    StartupError,
+    configure_logging,
+    new_event_loop,
+    run_until_signalled,
+    serve_admin,
+    serve_edge,
+)
+from mesh_gateway.discovery.static import catalog_from_config
+from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.identity.ca import CAError, load_ca
+from mesh_gateway.identity.tls import ServerTls
+from mesh_gateway.model import Catalog, Credentials, SpiffeId
+from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
+from mesh_gateway.routing import CompiledRoutes, compile_routes
+from mesh_gateway.sidecar_config import SidecarConfig
+from mesh_gateway.sidecar_routing import (
+    PeerCheck,
+    inbound_table,
+    local_catalog,
+    outbound_table,
+    service_addressing,
+)
+from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.watch import Watch
+
+log = logging.getLogger("mesh_gateway.sidecar")
+
+CATALOG_FOLLOW_S = 30.0
+
+
+def local_credentials(config: SidecarConfig) -> Credentials:
+    """The `issuer: local` bootstrap: sign our own SVID with the CA files in `identity.ca_dir`."""
+    identity = config.identity
+    try:
+        ca = load_ca(identity.ca_dir)
+        return ca.issue_credentials(SpiffeId.parse(identity.spiffe_id), identity.ttl, identity.dns)
+    except CAError as exc:
+        raise StartupError(f"identity: {exc}") from None
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, *, policy: Authorizer | None = None,
+                 credentials: Credentials | None = None) -> None:
+        self.config = config
+        self.spiffe_id = SpiffeId.parse(config.identity.spiffe_id)
+        self.credentials: Watch[Credentials] = Watch(credentials or local_credentials(config))
+        self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
+                                       keepalive_s=config.upstream.keepalive_s)
+        if policy is None:
+            log.warning("no inbound policy: any caller of trust domain %s%s may call %s", config.trust_domain,
+                        " on inbound.allowed_peers" if config.inbound.allowed_peers else "", config.service.name)
+        allowed = tuple(SpiffeId.parse(p) for p in config.inbound.allowed_peers)
+        self.inbound = Pipeline(
+            routes=Watch(compile_routes(inbound_table(config))), catalog=Watch(local_catalog(config)),
+            authorizer=PeerCheck(config.trust_domain, allowed, policy), forwarder=self.forwarder,
+            gateway_id=lambda: self.spiffe_id)
+        self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
+        self.outbound_routes: Watch[CompiledRoutes] = Watch(self._outbound_routes(self.catalog.get()))
+        self.outbound = Pipeline(routes=self.outbound_routes, catalog=self.catalog, authorizer=AllowAll(),
+                                 forwarder=self.forwarder, gateway_id=lambda: self.spiffe_id)
+        self.admin = Admin()
+        self.admin.readiness.append(self._ready)
+        self.supervisor = Supervisor()
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._runners: list[web.BaseRunner] = []
+        self._started = False
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.config.drain_timeout_s
+
+    def _outbound_routes(self, catalog: Catalog) -> CompiledRoutes:
+        outbound = self.config.outbound
+        return compile_routes(outbound_table(catalog, timeout_s=outbound.timeout_s, retries=outbound.retries,
+                                             max_body_bytes=self.config.limits.max_body_bytes))
+
+    async def _follow_catalog(self) -> None:
+        """Keep the outbound routes in step with the catalog (services appear and vanish with discovery)."""
+        while True:
+            version = self.catalog.version
+            if await self.catalog.changed(version, CATALOG_FOLLOW_S):
+                self.outbound_routes.publish(self._outbound_routes(self.catalog.get()))
+
+    def _ready(self) -> str | None:
+        if not self._started:
+            return "listeners not bound yet"
+        if self.credentials.get().not_after <= time.time():
+            return "sidecar certificate has expired"
+        return None
+
+    async def start(self) -> None:
+        config = self.config
+        try:
+            inbound_tls = ServerTls(client_auth="required", min_version=config.inbound.min_version,
+                                    credentials=self.credentials)
+            inbound = HttpEdge(name="inbound", pipeline=self.inbound, limits=config.limits, tls=True)
+            await self._serve(inbound, config.inbound.address, inbound_tls.front)
+            if config.outbound.enabled:
+                outbound = HttpEdge(name="outbound", pipeline=self.outbound, limits=config.limits, tls=False,
+                                    rewrite=service_addressing)
+                await self._serve(outbound, config.outbound.address, None)
+            runner, self.addresses["admin"] = await serve_admin(self.admin, config.admin.address)
+            self._runners.append(runner)
+        except BaseException:
+            await self.stop()
+            raise
+        self.supervisor.start("outbound-routes", self._follow_catalog)
+        self._started = True
+        log.info("sidecar %s for %s (app at %s:%d) serving: %s", self.spiffe_id, config.service.name,
+                 config.service.address, config.service.port,
+                 ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
+
+    async def _serve(self, edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None) -> None:
+        runner, bound = await serve_edge(edge, address, ssl_context, shutdown_timeout_s=self.config.drain_timeout_s)
+        self._runners.append(runner)
+        self.addresses[edge.name] = bound
+
+    async def stop(self) -> None:
+        self._started = False
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
+        self._runners.clear()
+        await self.supervisor.stop()
+        await self.forwarder.close()
+
+
+def serve(config: SidecarConfig) -> int:
+    configure_logging()
+
+    async def main() -> int:
+        try:
+            sidecar = Sidecar(config)
+            return await run_until_signalled(sidecar)
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main())

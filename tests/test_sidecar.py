@@ -1,0 +1,196 @@
+"""Sidecar mode in one process: real sockets, real TLS from our CA, the demo apps behind real sidecars."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mesh_gateway.config import ConfigError
+from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
+from mesh_gateway.errors import NotFound
+from mesh_gateway.model import RequestInfo
+from mesh_gateway.sidecar import Sidecar
+from mesh_gateway.sidecar_config import SidecarConfig, parse
+from mesh_gateway.sidecar_routing import service_addressing
+from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, issue
+
+ORDERS_ID = "spiffe://mesh.local/ns/default/sa/orders"
+INVENTORY_ID = "spiffe://mesh.local/ns/default/sa/inventory"
+
+
+def sidecar_config(ca_dir: Path, name: str, spiffe_id: str, app_port: int, **extra: Any) -> SidecarConfig:
+    data: dict[str, Any] = {
+        "trust_domain": "mesh.local",
+        "service": {"name": name, "port": app_port},
+        "identity": {"spiffe_id": spiffe_id, "ca_dir": str(ca_dir)},
+        "inbound": {"address": "127.0.0.1:0"},
+        "outbound": {"address": "127.0.0.1:0"},
+        "admin": {"address": "127.0.0.1:0"},
+        "drain_timeout_s": 1,
+    }
+    data.update(extra)
+    return parse(data)
+
+
+def loopback_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(config: SidecarConfig) -> AsyncIterator[Sidecar]:
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    try:
+        yield sidecar
+    finally:
+        await sidecar.stop()
+
+
+@contextlib.asynccontextmanager
+async def app(web_app: Any) -> AsyncIterator[RunningApp]:
+    running = await start_app(web_app, loopback_socket())
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+def inbound_url(sidecar: Sidecar, path: str) -> str:
+    host, port = sidecar.addresses["inbound"]
+    return f"https://{host}:{port}{path}"
+
+
+def outbound_url(sidecar: Sidecar, path: str) -> str:
+    host, port = sidecar.addresses["outbound"]
+    return f"http://{host}:{port}{path}"
+
+
+def mesh_client_ssl(bundle_pem: bytes, creds: Any) -> ssl.SSLContext:
+    """A mesh peer calling a sidecar: verifies the chain; identity is the SPIFFE ID, not a host name."""
+    context = client_ssl(bundle_pem, creds)
+    context.check_hostname = False
+    return context
+
+
+async def test_inbound_forwards_to_local_app_with_caller_identity(ca, ca_dir):
+    async with app(inventory_app()) as inventory, \
+            running_sidecar(sidecar_config(ca_dir, "inventory", INVENTORY_ID, inventory.port)) as sidecar, \
+            aiohttp.ClientSession() as client:
+        tls = mesh_client_ssl(ca.bundle_pem, issue(ca, ORDERS_ID))
+        async with client.get(inbound_url(sidecar, "/items/apple"), ssl=tls) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+    assert body == {"sku": "apple", "in_stock": 12, "caller": ORDERS_ID, "traceparent": None}
+
+
+async def test_inbound_refuses_a_client_without_a_mesh_certificate(ca, ca_dir):
+    async with app(inventory_app()) as inventory, \
+            running_sidecar(sidecar_config(ca_dir, "inventory", INVENTORY_ID, inventory.port)) as sidecar, \
+            aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.ClientError):
+            async with client.get(inbound_url(sidecar, "/items"),
+                                  ssl=mesh_client_ssl(ca.bundle_pem, None)) as resp:
+                await resp.read()
+
+
+async def test_inbound_allowed_peers_deny_other_identities(ca, ca_dir):
+    config = sidecar_config(ca_dir, "inventory", INVENTORY_ID, 1, inbound={
+        "address": "127.0.0.1:0", "allowed_peers": [ORDERS_ID]})
+    async with app(inventory_app()) as inventory:
+        config = config.model_copy(update={"service": config.service.model_copy(update={"port": inventory.port})})
+        async with running_sidecar(config) as sidecar, aiohttp.ClientSession() as client:
+            for caller, expected in ((CLIENT_ID, 403), (ORDERS_ID, 200)):
+                tls = mesh_client_ssl(ca.bundle_pem, issue(ca, caller))
+                async with client.get(inbound_url(sidecar, "/items"), ssl=tls) as resp:
+                    assert resp.status == expected, caller
+
+
+async def test_orders_calls_inventory_through_both_sidecars(ca, ca_dir):
+    """orders app → its sidecar's outbound → mTLS → inventory sidecar → inventory app, identities checked."""
+    async with app(inventory_app()) as inventory, \
+            running_sidecar(sidecar_config(ca_dir, "inventory", INVENTORY_ID, inventory.port)) as inv_sidecar:
+        inv_host, inv_port = inv_sidecar.addresses["inbound"]
+        orders_sock = loopback_socket()
+        orders_port = orders_sock.getsockname()[1]
+        config = sidecar_config(ca_dir, "orders", ORDERS_ID, orders_port, catalog={"static": {"inventory": [
+            {"address": inv_host, "port": inv_port, "spiffe_id": INVENTORY_ID}]}})
+        async with running_sidecar(config) as orders_sidecar:
+            web_app = orders_app(outbound_url(orders_sidecar, "/inventory"))
+            orders = await start_app(web_app, orders_sock)
+            try:
+                async with aiohttp.ClientSession() as client:
+                    tls = mesh_client_ssl(ca.bundle_pem, issue(ca, GATEWAY_ID))
+                    async with client.get(inbound_url(orders_sidecar, "/orders/apple"), ssl=tls) as resp:
+                        assert resp.status == 200
+                        body = await resp.json()
+                    async with client.get(outbound_url(orders_sidecar, "/nosuch/x")) as resp:
+                        assert resp.status == 404
+            finally:
+                await orders.close()
+    assert body["caller"] == GATEWAY_ID
+    assert body["accepted"] is True
+    assert body["inventory"]["caller"] == ORDERS_ID
+
+
+async def test_outbound_refuses_an_instance_with_the_wrong_identity(ca, ca_dir):
+    async with app(inventory_app()) as inventory, \
+            running_sidecar(sidecar_config(ca_dir, "inventory", INVENTORY_ID, inventory.port)) as impostor:
+        host, port = impostor.addresses["inbound"]
+        config = sidecar_config(ca_dir, "orders", ORDERS_ID, 1, catalog={"static": {"payments": [
+            {"address": host, "port": port, "spiffe_id": "spiffe://mesh.local/ns/default/sa/payments"}]}})
+        async with running_sidecar(config) as orders_sidecar, aiohttp.ClientSession() as client:
+            async with client.get(outbound_url(orders_sidecar, "/payments/items")) as resp:
+                assert resp.status == 502
+                assert (await resp.json())["error"] == "upstream identity rejected"
+
+
+@pytest.mark.parametrize(("path", "query", "host", "routed"), [
+    ("/inventory/items/apple", "", "inventory", "/items/apple"),
+    ("/inventory", "a=1", "inventory", "/"),
+    ("/Inventory/", "", "inventory", "/"),
+    ("/inventory//x", "", "inventory", "//x"),
+])
+def test_service_addressing(path, query, host, routed):
+    info = RequestInfo(method="GET", path=path, query=query, host="127.0.0.1:15001", scheme="http", headers=(),
+                       client_address="127.0.0.1", client_port=1, request_id="r")
+    out = service_addressing(info)
+    assert (out.host, out.path, out.query) == (host, routed, query)
+
+
+def test_service_addressing_without_a_service_is_404():
+    info = RequestInfo(method="GET", path="/", query="", host="h", scheme="http", headers=(),
+                       client_address="127.0.0.1", client_port=1, request_id="r")
+    with pytest.raises(NotFound) as raised:
+        service_addressing(info)
+    assert raised.value.public_message == "address mesh services as /<service>/<path>"
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"service": {"name": "orders", "port": 8080, "address": "10.0.0.5"}},
+     "service.address: must be a loopback address (127.0.0.1, ::1 or localhost)"),
+    ({"outbound": {"address": "0.0.0.0:15001"}},
+     "outbound.address: must be a loopback address: the outbound listener lends the service's identity"),
+    ({"identity": {"spiffe_id": "spiffe://other.org/x"}}, "identity.spiffe_id: must be in trust domain 'mesh.local'"),
+    ({"catalog": {"static": {"inventory": [{"address": "127.0.0.1", "port": 1, "tls": "plain"}]}}},
+     "catalog.static.inventory[0].tls: outbound mesh services must use mtls"),
+    ({"inbound": {"authz_query": "mesh.inbound.allow"}}, "inbound.authz_query: String should match pattern"),
+    ({"extra": 1}, "extra: unknown key"),
+])
+def test_config_errors_name_the_key(patch, message):
+    data: dict[str, Any] = {"trust_domain": "mesh.local", "service": {"name": "orders", "port": 8080},
+                            "identity": {"spiffe_id": ORDERS_ID}}
+    data.update(patch)
+    with pytest.raises(ConfigError) as raised:
+        parse(data)
+    assert any(line.startswith(message) for line in raised.value.errors), raised.value.errors
