@@ -21,6 +21,8 @@ def register(sub: Any) -> None:
     init.add_argument("--dir", type=Path, default=Path("certs"))
     init.add_argument("--trust-domain", required=True)
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument("--exist-ok", action="store_true",
+                      help="succeed without change when --dir already holds a CA of this trust domain")
     init.set_defaults(handler=handle_init)
 
     issue = ca_sub.add_parser("issue", help="issue an X.509 SVID (key generated locally)")
@@ -38,6 +40,16 @@ def fail(message: str) -> int:
 
 
 def handle_init(args: argparse.Namespace) -> int:
+    if args.exist_ok and not args.force and (args.dir / "bundle.pem").exists():
+        # One-shot bootstrap jobs (compose, Kubernetes init containers) run this on every start.
+        try:
+            existing = load_ca(args.dir)
+        except CAError as exc:
+            return fail(str(exc))
+        if existing.trust_domain != args.trust_domain:
+            return fail(f"{args.dir} holds a CA for {existing.trust_domain}, not {args.trust_domain}")
+        print(f"CA for trust domain {existing.trust_domain} already in {args.dir}; nothing to do")
+        return 0
     try:
         ca = init_ca(args.dir, args.trust_domain, force=args.force)
     except (CAError, ValueError) as exc:

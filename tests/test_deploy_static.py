@@ -1,0 +1,198 @@
+"""The deployment material cannot run here (no Docker, no cluster), so it is kept honest statically: every file
+parses, references only files that exist, every command is a valid `mesh-gateway` invocation, and every config it
+mounts passes `mesh-gateway check`."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import regorus
+import yaml
+
+from mesh_gateway.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+IMAGE = "mesh-gateway"
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def our_services() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose()["services"].items() if svc.get("image", "").startswith(IMAGE)}
+
+
+def parses(argv: list[str]) -> Any:
+    """argparse exits on an invalid command line; turn that into a test failure naming the command."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"not a valid mesh-gateway invocation: {shlex.join(argv)}")
+
+
+def check_ok(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "-c", str(path)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def test_compose_has_the_whole_stack():
+    services = compose()["services"]
+    assert {"consul", "opa", "jaeger", "ca-init", "gateway", "orders", "orders-sidecar", "inventory",
+            "inventory-sidecar"} <= set(services)
+    assert services["consul"]["image"].startswith("hashicorp/consul:")
+    assert services["opa"]["image"].startswith("openpolicyagent/opa:")
+    assert services["opa"]["command"][:2] == ["run", "--server"]
+    assert services["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
+    ports = " ".join(services["jaeger"]["ports"])
+    assert ":4317:4317" in ports and ":16686:16686" in ports
+
+
+def test_compose_references_only_existing_files_and_services():
+    data = compose()
+    services = data["services"]
+    volumes = set(data.get("volumes", {}))
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in volumes, f"{name}: undeclared volume {source}"
+        for dependency in svc.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        mode = svc.get("network_mode", "")
+        if mode.startswith("service:"):
+            assert mode.removeprefix("service:") in services
+
+
+def test_compose_commands_are_valid_and_their_configs_pass_check(capsys):
+    checked = []
+    for name, svc in our_services().items():
+        args = parses(svc["command"])
+        if getattr(args, "config", None) is None:
+            continue
+        mounts = dict(reversed(v.split(":")[:2]) for v in svc.get("volumes", []))
+        host_path = mounts.get(str(args.config))
+        assert host_path is not None, f"{name}: {args.config} is not mounted"
+        check_ok(ROOT / host_path, capsys)
+        checked.append(name)
+    assert sorted(checked) == ["gateway", "inventory-sidecar", "orders-sidecar"]
+
+
+def test_compose_ca_bootstrap_is_idempotent(tmp_path, capsys):
+    argv = [str(a) for a in compose()["services"]["ca-init"]["command"]]
+    argv[argv.index("/certs")] = str(tmp_path / "certs")
+    assert main(argv) == 0
+    bundle = (tmp_path / "certs" / "bundle.pem").read_bytes()
+    assert main(argv) == 0, "a second `docker compose up` must not fail the one-shot CA service"
+    assert (tmp_path / "certs" / "bundle.pem").read_bytes() == bundle
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_dockerfile_is_non_root_and_copies_existing_files():
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    for line in text.splitlines():
+        if line.startswith("COPY") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and not user[-1].startswith(("root", "0")), "the image must not run as root"
+    assert 'ENTRYPOINT ["mesh-gateway"]' in text
+    cmd = re.search(r"^CMD (\[.*\])", text, re.M)
+    assert cmd is not None
+    parses(yaml.safe_load(cmd.group(1)))
+    assert "PYTHONDONTWRITEBYTECODE=1" in text, "read-only root FS: no bytecode written at run time"
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in K8S:
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_k8s_has_the_gateway_objects_and_a_sidecar_example():
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in k8s_documents()}
+    for expected in [("Deployment", "mesh-gateway"), ("Service", "mesh-gateway"), ("ConfigMap", "mesh-gateway-config"),
+                     ("ConfigMap", "mesh-gateway-policies"), ("PodDisruptionBudget", "mesh-gateway"),
+                     ("HorizontalPodAutoscaler", "mesh-gateway"), ("Deployment", "orders")]:
+        assert expected in kinds
+    orders = next(d for d in k8s_documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == "orders")
+    pod = orders["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "mesh-sidecar")
+    assert sidecar["restartPolicy"] == "Always"
+    assert parses(sidecar["args"]).command == "sidecar"
+
+
+def test_k8s_containers_run_valid_commands_read_only_and_non_root():
+    for doc in k8s_documents():
+        if doc["kind"] != "Deployment":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            assert container["image"].startswith(IMAGE)
+            parses(container["args"])
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            config_maps = {v["name"]: v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in {v["name"] for v in pod["volumes"]}
+                if mount["name"] in config_maps and "subPath" in mount:
+                    assert mount["subPath"] in config_map(config_maps[mount["name"]])["data"]
+
+
+def config_map(name: str) -> dict[str, Any]:
+    return next(d for d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)
+
+
+def test_k8s_configs_pass_check(tmp_path, capsys):
+    checked = 0
+    for doc in k8s_documents():
+        if doc["kind"] != "ConfigMap":
+            continue
+        for key, text in doc["data"].items():
+            if key.endswith(".yaml"):
+                path = tmp_path / f"{doc['metadata']['name']}-{key}"
+                path.write_text(text)
+                check_ok(path, capsys)
+                checked += 1
+    assert checked == 2
+
+
+def test_k8s_policy_compiles_and_decides_like_the_demo_policy():
+    shipped = config_map("mesh-gateway-policies")["data"]["mesh_inbound.rego"]
+    for source in (shipped, (ROOT / "mesh_gateway" / "demo" / "policies" / "mesh_inbound.rego").read_text()):
+        engine = regorus.Engine()
+        engine.add_policy("mesh_inbound.rego", source)
+        decisions = []
+        for caller in ("gateway", "orders"):
+            engine.set_input({"attributes": {
+                "source": {"principal": f"spiffe://mesh.local/ns/default/sa/{caller}"},
+                "destination": {"principal": "spiffe://mesh.local/ns/default/sa/inventory"},
+                "request": {"http": {"method": "GET"}}}})
+            decisions.append(engine.eval_rule("data.mesh.inbound.allow"))
+        assert decisions == [False, True]
+
+
+def test_systemd_unit_runs_valid_commands():
+    text = (ROOT / "deploy" / "systemd" / "mesh-gateway.service").read_text()
+    commands = re.findall(r"^ExecStart(?:Pre)?=(\S+) (.*)$", text, re.M)
+    assert len(commands) == 2
+    for binary, rest in commands:
+        assert binary.endswith("/mesh-gateway")
+        parses(shlex.split(rest))
+    assert re.search(r"^User=(?!root)\S+", text, re.M)
+    assert "NoNewPrivileges=true" in text
