@@ -64,8 +64,9 @@ class Sidecar:
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
         if policy is None:
-            log.warning("no inbound policy: any caller of trust domain %s%s may call %s", config.trust_domain,
-                        " on inbound.allowed_peers" if config.inbound.allowed_peers else "", config.service.name)
+            who = ("only inbound.allowed_peers" if config.inbound.allowed_peers
+                   else f"any caller of trust domain {config.trust_domain}")
+            log.warning("no inbound policy: %s may call %s", who, config.service.name)
         allowed = tuple(SpiffeId.parse(p) for p in config.inbound.allowed_peers)
         self.inbound = Pipeline(
             routes=Watch(compile_routes(inbound_table(config))), catalog=Watch(local_catalog(config)),

@@ -8,6 +8,7 @@ path segment, strips it, and sends `/<path>` to one of the service's instances w
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from mesh_gateway.errors import NotFound
 from mesh_gateway.model import (
@@ -24,6 +25,8 @@ from mesh_gateway.model import (
 )
 from mesh_gateway.pipeline import Authorizer, Exchange
 from mesh_gateway.sidecar_config import SidecarConfig
+
+log = logging.getLogger("mesh_gateway.sidecar")
 
 LOCAL = "local"
 """Catalog key of the application behind the sidecar in the inbound pipeline."""
@@ -83,8 +86,11 @@ class PeerCheck:
     async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
         peer = info.peer_spiffe_id
         if peer is None or not peer.member_of(self._trust_domain):
+            log.info("inbound request %s refused: caller %s is not of trust domain %s", info.request_id, peer,
+                     self._trust_domain)
             return Decision(allowed=False, http_status=403, engine="sidecar-peer-check")
         if self._allowed and peer not in self._allowed:
+            log.info("inbound request %s refused: caller %s is not on inbound.allowed_peers", info.request_id, peer)
             return Decision(allowed=False, http_status=403, engine="sidecar-peer-check")
         if self._policy is None:
             return Decision(allowed=True, engine="sidecar-peer-check")

@@ -1,4 +1,5 @@
-"""`mesh-gateway demo`: bootstrap the CA, start a demo upstream that requires mTLS, and the gateway in front of it."""
+"""`mesh-gateway demo`: bootstrap the CA and run a small mesh on loopback — the gateway, a demo mTLS upstream (`web`),
+and two services behind sidecars (orders calls inventory through its sidecar; see mesh_gateway/demo/mesh.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from mesh_gateway import config as cfg
+from mesh_gateway.demo.mesh import MeshPorts, gateway_catalog, gateway_routes
 from mesh_gateway.identity.ca import CAError, cert_pem, init_ca, key_pem, load_ca, new_key
 from mesh_gateway.identity.files import write_atomic
 from mesh_gateway.model import SpiffeId
@@ -29,6 +31,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--listen", default="127.0.0.1:8443", help="gateway TLS listener")
     parser.add_argument("--upstream-port", type=int, default=9001)
     parser.add_argument("--admin", default="127.0.0.1:9901")
+    parser.add_argument("--mesh-ports", type=int, default=9100, metavar="BASE",
+                        help="the demo mesh uses ports BASE+1 … BASE+32 on 127.0.0.1")
     parser.set_defaults(handler=handle)
 
 
@@ -52,20 +56,25 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str) -> cfg.GatewayConfig:
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str,
+                mesh_ports: MeshPorts | None = None) -> cfg.GatewayConfig:
+    ports = mesh_ports or MeshPorts()
     return cfg.parse({
         "trust_domain": TRUST_DOMAIN,
         "listeners": [{"name": "public", "address": listen, "tls": {"client_auth": "optional"}}],
         "identity": {"ca_dir": str(directory), "spiffe_id": f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway",
                      "ttl": "1h", "dns": ["localhost", "127.0.0.1"]},
-        "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}]}},
-        "routes": [{"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
+        "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}],
+                               **gateway_catalog(ports)}},
+        "routes": [*gateway_routes(),
+                   {"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
     })
 
 
 def handle(args: argparse.Namespace) -> int:
     from mesh_gateway.app import Gateway, StartupError, configure_logging, new_event_loop, run_until_signalled
+    from mesh_gateway.demo.mesh import start_mesh
     from mesh_gateway.demo.upstream import start_upstream
 
     configure_logging()
@@ -77,25 +86,38 @@ def handle(args: argparse.Namespace) -> int:
     except (CAError, OSError) as exc:
         print(f"error: {exc}")
         return 2
-    config = demo_config(directory, args.listen, args.upstream_port, args.admin)
+    ports = MeshPorts(args.mesh_ports)
+    config = demo_config(directory, args.listen, args.upstream_port, args.admin, ports)
 
     async def main() -> int:
         upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,
                                                                     ["localhost"]), port=args.upstream_port)
+        mesh = None
         try:
+            mesh = await start_mesh(directory, ports)
             gateway = Gateway(config)
             host, port = cfg.split_host_port(args.listen)
             host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+            curl = f"curl --cacert {directory}/bundle.pem --cert {cert_path} --key {key_path} https://{host}:{port}"
             loop = asyncio.get_running_loop()
             loop.call_later(0.2, print, (
-                f"\nmesh-gateway is up. Try:\n\n  curl --cacert {directory}/bundle.pem --cert {cert_path} "
-                f"--key {key_path} https://{host}:{port}/hello\n\n"
-                f"Health: curl http://{args.admin}/readyz   Stop: Ctrl-C\n"))
+                f"\nmesh-gateway is up. Try:\n\n"
+                f"  {curl}/hello\n"
+                f"      the gateway in front of an mTLS upstream (web)\n"
+                f"  {curl}/orders/apple\n"
+                f"      allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory\n"
+                f"  {curl}/items\n"
+                f"      denied (403) by inventory's sidecar: only orders may call inventory\n\n"
+                f"Where to look: this log; gateway health http://{args.admin}/readyz; sidecars "
+                f"http://127.0.0.1:{ports.orders_admin}/readyz and http://127.0.0.1:{ports.inventory_admin}/readyz."
+                f"\nStop: Ctrl-C\n"))
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return 1
         finally:
+            if mesh is not None:
+                await mesh.close()
             await upstream.close()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

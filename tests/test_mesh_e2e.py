@@ -1,0 +1,169 @@
+"""The full mesh, as real processes: inventory and two orders instances (`mesh-gateway demo-app`), each behind its own
+`mesh-gateway sidecar` process, and the gateway in front — all on 127.0.0.1 port 0, with TLS from one CA."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running, url
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDERS_ID = "spiffe://mesh.local/ns/default/sa/orders"
+INVENTORY_ID = "spiffe://mesh.local/ns/default/sa/inventory"
+START_TIMEOUT_S = 30.0
+
+
+class Process:
+    """A child `mesh-gateway` process whose output is collected, so a test can wait for a line and show the log."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.lines: list[str] = []
+        self._grew = asyncio.Event()
+        self._readers = [asyncio.ensure_future(self._read(s)) for s in (proc.stdout, proc.stderr) if s]
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self._grew.set()
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        regex = re.compile(pattern)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                for line in self.lines:
+                    if found := regex.search(line):
+                        return found
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n" + "\n".join(self.lines))
+                self._grew.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._grew.wait(), 0.5)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        try:
+            async with asyncio.timeout(10):
+                code = await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            code = await self.proc.wait()
+        for reader in self._readers:
+            reader.cancel()
+        return code
+
+
+async def spawn(name: str, *args: str, pass_fds: tuple[int, ...] = ()) -> Process:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "0"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh_gateway", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)
+    return Process(name, proc)
+
+
+def write_sidecar_config(directory: Path, name: str, data: dict[str, Any]) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sidecar_data(ca_dir: Path, service: str, spiffe_id: str, app_port: int, callers: list[str],
+                 catalog: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "trust_domain": "mesh.local",
+        "service": {"name": service, "port": app_port},
+        "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir)},
+        "inbound": {"address": "127.0.0.1:0", "allowed_peers": callers},
+        "outbound": {"address": "127.0.0.1:0", "enabled": catalog is not None},
+        "catalog": {"static": catalog or {}},
+        "admin": {"address": "127.0.0.1:0"},
+        "drain_timeout_s": 2,
+    }
+
+
+SERVING = r"serving: inbound=127\.0\.0\.1:(\d+)(?:, outbound=127\.0\.0\.1:(\d+))?"
+
+
+@contextlib.asynccontextmanager
+async def mesh(ca_dir: Path, workdir: Path) -> AsyncIterator[dict[str, Any]]:
+    procs: list[Process] = []
+    try:
+        inventory = await spawn("inventory", "demo-app", "inventory", "--listen", "127.0.0.1:0")
+        procs.append(inventory)
+        inventory_port = int((await inventory.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+        inv_sidecar = await spawn("inventory-sidecar", "sidecar", "-c", str(write_sidecar_config(
+            workdir, "inventory", sidecar_data(ca_dir, "inventory", INVENTORY_ID, inventory_port, [ORDERS_ID]))))
+        procs.append(inv_sidecar)
+        inv_inbound = int((await inv_sidecar.wait_for(SERVING)).group(1))
+        catalog = {"inventory": [{"address": "127.0.0.1", "port": inv_inbound, "spiffe_id": INVENTORY_ID}]}
+        orders_inbound = []
+        for index in range(2):
+            # The app's socket is bound first so its sidecar knows the port; the app then needs the sidecar's
+            # outbound port. The bound socket is handed to the app process, so no port is ever guessed.
+            app_sock = socket.socket()
+            app_sock.bind(("127.0.0.1", 0))
+            app_sock.listen(64)
+            sidecar = await spawn(f"orders-sidecar-{index}", "sidecar", "-c", str(write_sidecar_config(
+                workdir, f"orders-{index}",
+                sidecar_data(ca_dir, "orders", ORDERS_ID, app_sock.getsockname()[1], [GATEWAY_ID], catalog))))
+            procs.append(sidecar)
+            found = await sidecar.wait_for(SERVING)
+            orders_inbound.append(int(found.group(1)))
+            app = await spawn(f"orders-{index}", "demo-app", "orders", "--listen-fd", str(app_sock.fileno()),
+                              "--inventory-url", f"http://127.0.0.1:{found.group(2)}/inventory",
+                              pass_fds=(app_sock.fileno(),))
+            app_sock.close()
+            procs.append(app)
+            await app.wait_for("listening on")
+        yield {"procs": {p.name: p for p in procs}, "orders_inbound": orders_inbound, "inventory_inbound": inv_inbound}
+    finally:
+        for proc in reversed(procs):
+            await proc.stop()
+
+
+async def test_full_mesh_allows_the_right_callers_and_denies_the_others(ca, ca_dir, tmp_path):
+    async with mesh(ca_dir, tmp_path) as m:
+        catalog = {
+            "orders": [{"address": "127.0.0.1", "port": p, "spiffe_id": ORDERS_ID} for p in m["orders_inbound"]],
+            "inventory": [{"address": "127.0.0.1", "port": m["inventory_inbound"], "spiffe_id": INVENTORY_ID}],
+        }
+        routes = [{"name": "orders", "match": {"path_prefix": "/orders/"}, "service": "orders"},
+                  {"name": "inventory", "match": {"path_prefix": "/items"}, "service": "inventory"}]
+        config = gateway_config(ca_dir, catalog, routes=routes)
+        client_tls = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
+        async with running(config) as gw, aiohttp.ClientSession() as client:
+            # Allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory.
+            async with client.get(url(gw, "/orders/apple"), ssl=client_tls) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+            assert body["caller"] == GATEWAY_ID
+            assert body["inventory"] == {"sku": "apple", "in_stock": 12, "caller": ORDERS_ID,
+                                         "traceparent": None}
+            # Denied at inventory's sidecar: the gateway's identity may not call inventory.
+            async with client.get(url(gw, "/items"), ssl=client_tls) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"] == "forbidden"
+            assert any("not on inbound.allowed_peers" in line
+                       for line in m["procs"]["inventory-sidecar"].lines)
+            # A mesh identity other than the gateway calling orders' sidecar directly is refused as well.
+            direct = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
+            direct.check_hostname = False
+            async with client.get(f"https://127.0.0.1:{m['orders_inbound'][0]}/orders/apple", ssl=direct) as resp:
+                assert resp.status == 403
+        # Every process shuts down cleanly on SIGTERM.
+        codes = {name: await proc.stop() for name, proc in m["procs"].items()}
+        assert set(codes.values()) == {0}, codes
