@@ -14,7 +14,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-## make run: bootstrap the CA into certs/ and start the gateway in front of a demo mTLS upstream
+## make run: bootstrap the CA into certs/ and start the gateway, a demo mTLS upstream and the demo mesh (sidecars)
 run: $(VENV)/.base
 	$(PY) -m mesh_gateway demo --dir certs
 
