@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mesh_gateway.cli import main
 from mesh_gateway.config import ConfigError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
 from mesh_gateway.errors import NotFound
@@ -194,3 +195,22 @@ def test_config_errors_name_the_key(patch, message):
     with pytest.raises(ConfigError) as raised:
         parse(data)
     assert any(line.startswith(message) for line in raised.value.errors), raised.value.errors
+
+
+def test_sidecar_command_reports_config_errors_by_key(tmp_path, capsys):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("trust_domain: mesh.local\nservice: {name: orders, port: 8080, address: 10.1.2.3}\n"
+                    f"identity: {{spiffe_id: {ORDERS_ID}}}\n")
+    assert main(["sidecar", "-c", str(path)]) == 2
+    assert "service.address: must be a loopback address" in capsys.readouterr().err
+    assert main(["check", "-c", str(path)]) == 2
+
+
+def test_sidecar_without_a_ca_fails_to_start_with_a_clear_message(tmp_path, caplog):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("trust_domain: mesh.local\nservice: {name: orders, port: 8080}\n"
+                    f"identity: {{spiffe_id: {ORDERS_ID}, ca_dir: nowhere}}\n"
+                    "inbound: {address: '127.0.0.1:0'}\noutbound: {address: '127.0.0.1:0'}\n"
+                    "admin: {address: '127.0.0.1:0'}\n")
+    assert main(["sidecar", "-c", str(path)]) == 1
+    assert f"cannot start: identity: {tmp_path / 'nowhere'} is not a CA directory" in caplog.text
