@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -169,12 +170,14 @@ class Gateway:
         await self.forwarder.close()
 
 
-async def run_until_signalled(gateway: Service) -> int:
+async def run_until_signalled(gateway: Service, *, on_started: Callable[[], None] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
+    if on_started is not None:
+        on_started()
     failed = loop.create_task(gateway.supervisor.failed.wait())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from mesh_gateway import config as cfg
-from mesh_gateway.demo.mesh import MeshPorts, gateway_catalog, gateway_routes
 from mesh_gateway.identity.ca import CAError, cert_pem, init_ca, key_pem, load_ca, new_key
 from mesh_gateway.identity.files import write_atomic
 from mesh_gateway.model import SpiffeId
+
+if TYPE_CHECKING:
+    from mesh_gateway.app import Gateway
+    from mesh_gateway.demo.mesh import DemoMesh
+    from mesh_gateway.demo.upstream import RunningUpstream
 
 TRUST_DOMAIN = "mesh.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/demo-client"
@@ -26,13 +32,13 @@ log = logging.getLogger("mesh_gateway.demo")
 
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
-        "demo", help="bootstrap a CA in --dir and run the gateway in front of a demo mTLS upstream")
+        "demo", help="bootstrap a CA in --dir and run the gateway, a demo mTLS upstream and a demo mesh")
     parser.add_argument("--dir", type=Path, default=Path("certs"), help="CA directory (created if absent)")
     parser.add_argument("--listen", default="127.0.0.1:8443", help="gateway TLS listener")
     parser.add_argument("--upstream-port", type=int, default=9001)
     parser.add_argument("--admin", default="127.0.0.1:9901")
     parser.add_argument("--mesh-ports", type=int, default=9100, metavar="BASE",
-                        help="the demo mesh uses ports BASE+1 … BASE+32 on 127.0.0.1")
+                        help="the demo mesh uses ports BASE+1 … BASE+32 on 127.0.0.1 (0: any free ports)")
     parser.set_defaults(handler=handle)
 
 
@@ -56,69 +62,82 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str,
-                mesh_ports: MeshPorts | None = None) -> cfg.GatewayConfig:
-    ports = mesh_ports or MeshPorts()
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, mesh: DemoMesh) -> cfg.GatewayConfig:
+    from mesh_gateway.demo.mesh import gateway_catalog, gateway_routes
+
     return cfg.parse({
         "trust_domain": TRUST_DOMAIN,
         "listeners": [{"name": "public", "address": listen, "tls": {"client_auth": "optional"}}],
         "identity": {"ca_dir": str(directory), "spiffe_id": f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway",
                      "ttl": "1h", "dns": ["localhost", "127.0.0.1"]},
         "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}],
-                               **gateway_catalog(ports)}},
+                               **gateway_catalog(mesh)}},
         "routes": [*gateway_routes(),
                    {"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
     })
 
 
+@contextlib.asynccontextmanager
+async def demo_mesh(directory: Path, *, upstream_port: int, mesh_base_port: int
+                    ) -> AsyncIterator[tuple[RunningUpstream, DemoMesh]]:
+    """What the demo gateway fronts, serving when entered: the web upstream and the orders/inventory mesh."""
+    from mesh_gateway.demo.mesh import MeshPorts, start_mesh
+    from mesh_gateway.demo.upstream import start_upstream
+
+    ca = load_ca(directory)
+    upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,
+                                                                ["localhost"]), port=upstream_port)
+    try:
+        mesh = await start_mesh(directory, MeshPorts(mesh_base_port))
+        try:
+            yield upstream, mesh
+        finally:
+            await mesh.close()
+    finally:
+        await upstream.close()
+
+
+def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, key: Path) -> str:
+    host, port = gateway.addresses["public"]
+    host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+    admin_host, admin_port = gateway.addresses["admin"]
+    curl = f"curl --cacert {directory}/bundle.pem --cert {cert} --key {key} https://{host}:{port}"
+    return (
+        f"\nmesh-gateway is up. Try:\n\n"
+        f"  {curl}/hello\n"
+        f"      the gateway in front of an mTLS upstream (web)\n"
+        f"  {curl}/orders/apple\n"
+        f"      allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory\n"
+        f"  {curl}/items\n"
+        f"      denied (403) by inventory's sidecar: only orders may call inventory\n\n"
+        f"Where to look: this log (sidecars log each refused caller); gateway health "
+        f"http://{admin_host}:{admin_port}/readyz; sidecars {mesh.admin_url('orders')}/readyz and "
+        f"{mesh.admin_url('inventory')}/readyz.\nStop: Ctrl-C\n")
+
+
 def handle(args: argparse.Namespace) -> int:
     from mesh_gateway.app import Gateway, StartupError, configure_logging, new_event_loop, run_until_signalled
-    from mesh_gateway.demo.mesh import start_mesh
-    from mesh_gateway.demo.upstream import start_upstream
 
     configure_logging()
     directory: Path = args.dir
     try:
         ensure_ca(directory)
         cert_path, key_path = ensure_client_cert(directory)
-        ca = load_ca(directory)
     except (CAError, OSError) as exc:
         print(f"error: {exc}")
         return 2
-    ports = MeshPorts(args.mesh_ports)
-    config = demo_config(directory, args.listen, args.upstream_port, args.admin, ports)
 
     async def main() -> int:
-        upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,
-                                                                    ["localhost"]), port=args.upstream_port)
-        mesh = None
         try:
-            mesh = await start_mesh(directory, ports)
-            gateway = Gateway(config)
-            host, port = cfg.split_host_port(args.listen)
-            host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
-            curl = f"curl --cacert {directory}/bundle.pem --cert {cert_path} --key {key_path} https://{host}:{port}"
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.2, print, (
-                f"\nmesh-gateway is up. Try:\n\n"
-                f"  {curl}/hello\n"
-                f"      the gateway in front of an mTLS upstream (web)\n"
-                f"  {curl}/orders/apple\n"
-                f"      allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory\n"
-                f"  {curl}/items\n"
-                f"      denied (403) by inventory's sidecar: only orders may call inventory\n\n"
-                f"Where to look: this log; gateway health http://{args.admin}/readyz; sidecars "
-                f"http://127.0.0.1:{ports.orders_admin}/readyz and http://127.0.0.1:{ports.inventory_admin}/readyz."
-                f"\nStop: Ctrl-C\n"))
-            return await run_until_signalled(gateway)
-        except StartupError as exc:
+            async with demo_mesh(directory, upstream_port=args.upstream_port,
+                                 mesh_base_port=args.mesh_ports) as (upstream, mesh):
+                gateway = Gateway(demo_config(directory, args.listen, upstream.port, args.admin, mesh))
+                return await run_until_signalled(gateway, on_started=lambda: print(
+                    instructions(gateway, mesh, directory, cert_path, key_path), flush=True))
+        except (StartupError, CAError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return 1
-        finally:
-            if mesh is not None:
-                await mesh.close()
-            await upstream.close()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh_gateway import sidecar_config
+from mesh_gateway import sidecar_config as sidecar_config_module
 from mesh_gateway.app import StartupError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
 from mesh_gateway.sidecar import Sidecar
@@ -27,65 +27,62 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class MeshPorts:
+    """Fixed ports from `base` (so the printed URLs stay the same run after run); base 0 → every port ephemeral."""
+
     base: int = 9100
+
+    def _at(self, offset: int) -> int:
+        return self.base + offset if self.base else 0
 
     @property
     def orders_app(self) -> int:
-        return self.base + 1
+        return self._at(1)
 
     @property
     def inventory_app(self) -> int:
-        return self.base + 2
+        return self._at(2)
 
     @property
     def orders_inbound(self) -> int:
-        return self.base + 11
+        return self._at(11)
 
     @property
     def inventory_inbound(self) -> int:
-        return self.base + 12
+        return self._at(12)
 
     @property
     def orders_outbound(self) -> int:
-        return self.base + 21
+        return self._at(21)
 
     @property
     def orders_admin(self) -> int:
-        return self.base + 31
+        return self._at(31)
 
     @property
     def inventory_admin(self) -> int:
-        return self.base + 32
+        return self._at(32)
 
 
-def sidecar_configs(ca_dir: Path, ports: MeshPorts) -> tuple[sidecar_config.SidecarConfig,
-                                                             sidecar_config.SidecarConfig]:
-    def config(name: str, spiffe_id: str, app: int, inbound: int, admin: int, callers: list[str],
-               outbound: dict[str, Any], catalog: dict[str, Any]) -> sidecar_config.SidecarConfig:
-        return sidecar_config.parse({
-            "trust_domain": TRUST_DOMAIN,
-            "service": {"name": name, "address": HOST, "port": app},
-            "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir), "ttl": "24h"},
-            "inbound": {"address": f"{HOST}:{inbound}", "allowed_peers": callers},
-            "outbound": outbound,
-            "catalog": {"static": catalog},
-            "admin": {"address": f"{HOST}:{admin}"},
-            "drain_timeout_s": 2,
-        })
-
-    orders = config("orders", ORDERS_ID, ports.orders_app, ports.orders_inbound, ports.orders_admin, [GATEWAY_ID],
-                    {"address": f"{HOST}:{ports.orders_outbound}"},
-                    {"inventory": [{"address": HOST, "port": ports.inventory_inbound, "spiffe_id": INVENTORY_ID}]})
-    inventory = config("inventory", INVENTORY_ID, ports.inventory_app, ports.inventory_inbound,
-                       ports.inventory_admin, [ORDERS_ID], {"enabled": False}, {})
-    return orders, inventory
+def sidecar_config(ca_dir: Path, name: str, spiffe_id: str, *, app: int, inbound: int, admin: int,
+                   callers: list[str], outbound: dict[str, Any], catalog: dict[str, Any]
+                   ) -> sidecar_config_module.SidecarConfig:
+    return sidecar_config_module.parse({
+        "trust_domain": TRUST_DOMAIN,
+        "service": {"name": name, "address": HOST, "port": app},
+        "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir), "ttl": "24h"},
+        "inbound": {"address": f"{HOST}:{inbound}", "allowed_peers": callers},
+        "outbound": outbound,
+        "catalog": {"static": catalog},
+        "admin": {"address": f"{HOST}:{admin}"},
+        "drain_timeout_s": 2,
+    })
 
 
-def gateway_catalog(ports: MeshPorts) -> dict[str, list[dict[str, Any]]]:
+def gateway_catalog(mesh: DemoMesh) -> dict[str, list[dict[str, Any]]]:
     """The gateway reaches each service at its sidecar, and expects the service's identity there."""
     return {
-        "orders": [{"address": HOST, "port": ports.orders_inbound, "spiffe_id": ORDERS_ID}],
-        "inventory": [{"address": HOST, "port": ports.inventory_inbound, "spiffe_id": INVENTORY_ID}],
+        "orders": [{"address": HOST, "port": mesh.orders_inbound, "spiffe_id": ORDERS_ID}],
+        "inventory": [{"address": HOST, "port": mesh.inventory_inbound, "spiffe_id": INVENTORY_ID}],
     }
 
 
@@ -113,28 +110,58 @@ def _listen(port: int) -> socket.socket:
 @dataclass
 class DemoMesh:
     apps: list[RunningApp] = field(default_factory=list)
-    sidecars: list[Sidecar] = field(default_factory=list)
+    sidecars: dict[str, Sidecar] = field(default_factory=dict)
+
+    @property
+    def orders_inbound(self) -> int:
+        return self.sidecars["orders"].addresses["inbound"][1]
+
+    @property
+    def inventory_inbound(self) -> int:
+        return self.sidecars["inventory"].addresses["inbound"][1]
+
+    def admin_url(self, service: str) -> str:
+        host, port = self.sidecars[service].addresses["admin"]
+        return f"http://{host}:{port}"
+
+    async def _add_sidecar(self, config: sidecar_config_module.SidecarConfig) -> Sidecar:
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        self.sidecars[config.service.name] = sidecar
+        return sidecar
 
     async def close(self) -> None:
-        for sidecar in self.sidecars:
+        for sidecar in self.sidecars.values():
             await sidecar.stop()
         for app in self.apps:
             await app.close()
 
 
 async def start_mesh(ca_dir: Path, ports: MeshPorts) -> DemoMesh:
-    """Apps first, then their sidecars; on any failure what was started is stopped again."""
+    """Each app's socket is bound first (its sidecar needs the port), then the sidecars, then orders' app (it needs
+    its sidecar's outbound port). On any failure what was started is stopped again."""
     mesh = DemoMesh()
-    orders_config, inventory_config = sidecar_configs(ca_dir, ports)
+    inventory_sock = _listen(ports.inventory_app)
     try:
-        mesh.apps.append(await start_app(inventory_app(), _listen(ports.inventory_app)))
-        mesh.apps.append(await start_app(orders_app(f"http://{HOST}:{ports.orders_outbound}/inventory"),
-                                         _listen(ports.orders_app)))
-        for config in (inventory_config, orders_config):
-            sidecar = Sidecar(config)
-            await sidecar.start()
-            mesh.sidecars.append(sidecar)
+        orders_sock = _listen(ports.orders_app)
+    except StartupError:
+        inventory_sock.close()
+        raise
+    try:
+        mesh.apps.append(await start_app(inventory_app(), inventory_sock))
+        inventory = await mesh._add_sidecar(sidecar_config(
+            ca_dir, "inventory", INVENTORY_ID, app=inventory_sock.getsockname()[1], inbound=ports.inventory_inbound,
+            admin=ports.inventory_admin, callers=[ORDERS_ID], outbound={"enabled": False}, catalog={}))
+        orders = await mesh._add_sidecar(sidecar_config(
+            ca_dir, "orders", ORDERS_ID, app=orders_sock.getsockname()[1], inbound=ports.orders_inbound,
+            admin=ports.orders_admin, callers=[GATEWAY_ID], outbound={"address": f"{HOST}:{ports.orders_outbound}"},
+            catalog={"inventory": [{"address": HOST, "port": inventory.addresses["inbound"][1],
+                                    "spiffe_id": INVENTORY_ID}]}))
+        outbound_port = orders.addresses["outbound"][1]
+        mesh.apps.append(await start_app(orders_app(f"http://{HOST}:{outbound_port}/inventory"), orders_sock))
     except BaseException:
         await mesh.close()
+        for sock in (inventory_sock, orders_sock):
+            sock.close()
         raise
     return mesh
