@@ -13,6 +13,8 @@ from pathlib import Path
 from aiohttp import web
 
 from mesh_gateway import config as cfg
+from mesh_gateway.authz import build as authz_build
+from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.http import HttpEdge
@@ -63,12 +65,21 @@ class Gateway:
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        self.authz: authz_build.BuiltAuthz | None = None
+        if authorizer is None:
+            try:
+                self.authz = authz_build.build(config, lambda: self.gateway_id)
+            except PolicyError as exc:
+                raise StartupError(f"authz: {exc}") from None
+            authorizer = self.authz.authorizer if self.authz else None
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
                                  forwarder=self.forwarder, gateway_id=lambda: self.gateway_id)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        if self.authz is not None:
+            self.admin.add_json_view("/policies", self.authz.view)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -118,6 +129,8 @@ class Gateway:
         await web.SockSite(admin_runner, admin_sock).start()
         self._runners.append(admin_runner)
         self.addresses["admin"] = admin_sock.getsockname()[:2]
+        if self.authz is not None and self.authz.embedded is not None:
+            self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -129,6 +142,8 @@ class Gateway:
         self._runners.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        if self.authz is not None:
+            await self.authz.authorizer.close()
 
 
 async def run_until_signalled(gateway: Gateway) -> int:

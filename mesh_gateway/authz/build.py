@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from mesh_gateway.authz.authorizer import Evaluator, PolicyAuthorizer
 from mesh_gateway.authz.cache import CacheSettings
@@ -12,8 +14,7 @@ from mesh_gateway.authz.decision_log import DecisionLog
 from mesh_gateway.authz.opa import OpaClient
 from mesh_gateway.authz.rego import EmbeddedEngine
 from mesh_gateway.config import Authz, GatewayConfig
-from mesh_gateway.config import Route as RouteConfig
-from mesh_gateway.model import RoutePolicy, SpiffeId
+from mesh_gateway.model import SpiffeId
 
 log = logging.getLogger("mesh_gateway.authz")
 
@@ -24,13 +25,26 @@ class BuiltAuthz:
     embedded: EmbeddedEngine | None
     """Set for the embedded engine: app.py runs `embedded.watch()` as a background task."""
 
+    def view(self) -> dict[str, Any]:
+        """The admin `/policies` view: what serves now and the last rejected change."""
+        evaluator = self.authorizer.evaluator
+        out: dict[str, Any] = {"engine": evaluator.name, "query": self.authorizer.default_query}
+        if self.embedded is None:
+            return out
+        state = self.embedded.state.get()
+        out.update({
+            "directory": state.root,
+            "revision": state.revision,
+            "loaded_at": _iso(state.loaded_at),
+            "files": state.files,
+            "last_error": state.last_error or None,
+            "last_error_at": _iso(state.last_error_at) if state.last_error else None,
+        })
+        return out
 
-def apply_route_authz(policy: RoutePolicy, route: RouteConfig) -> RoutePolicy:
-    """A route's `authz:` block onto its RoutePolicy (app.py's config → RoutePolicy mapping calls this)."""
-    options = route.authz
-    return replace(policy, authz_enabled=not options.disabled, authz_failure_mode_allow=options.failure_mode_allow,
-                   authz_dry_run=options.dry_run, authz_query=options.query,
-                   authz_include_body_bytes=options.include_body_bytes)
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
 def _queries(config: GatewayConfig, authz: Authz) -> tuple[str, ...]:
@@ -43,8 +57,7 @@ def build(config: GatewayConfig, gateway_id: Callable[[], SpiffeId | None]) -> B
     embedded policy set cannot be loaded: the gateway refuses to start rather than serve without a policy."""
     authz = config.authz
     if authz is None or authz.engine == "none":
-        log.warning("authorization is OFF: every routed request is forwarded without a policy decision")
-        return None
+        return None  # app.py warns that authorization is off
     for route in config.routes:
         if route.authz.disabled:
             log.warning("authorization disabled on route %s", route.name)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
-from mesh_gateway.model import RequestInfo, Route, SpiffeId
+from mesh_gateway.model import BodyPrefix, RequestInfo, Route, SpiffeId
 
 INPUT_VERSION = {"encoding": "protojson", "ext_authz": "v3"}
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -129,15 +129,7 @@ def _socket(address: str, port: int) -> dict[str, Any]:
     return {"socketAddress": {"address": address, "portValue": port}}
 
 
-@dataclass(frozen=True, slots=True)
-class BodyCapture:
-    """The first `max_bytes` of the request body, for routes that opt in to `input.parsed_body`."""
-
-    data: bytes
-    truncated: bool
-
-
-def parse_body(body: BodyCapture, content_type: str | None) -> tuple[Any, bool]:
+def parse_body(body: BodyPrefix, content_type: str | None) -> tuple[Any, bool]:
     """OPA-Envoy's rule: JSON bodies are parsed; a truncated or unparsable body gives no `parsed_body`."""
     if body.truncated or not body.data:
         return None, body.truncated
@@ -150,7 +142,7 @@ def parse_body(body: BodyCapture, content_type: str | None) -> tuple[Any, bool]:
 
 
 def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, now: float,
-                gateway_id: SpiffeId | None = None, body: BodyCapture | None = None) -> dict[str, Any]:
+                gateway_id: SpiffeId | None = None, body: BodyPrefix | None = None) -> dict[str, Any]:
     """The `input` document for one request; `now` is the wall-clock time in seconds."""
     target = normalised.path + (f"?{info.query}" if info.query else "")
     peer = info.peer_spiffe_id

@@ -37,7 +37,7 @@ class EngineError(Exception):
     """Evaluation failed (runtime error, panic, wrong thread); the caller fails closed."""
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """regorus messages carry a source excerpt; keep the location and the final error line."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     location = next((line[4:] for line in lines if line.startswith("-->")), "")
@@ -51,7 +51,7 @@ def _is_panic(exc: BaseException) -> bool:
 
 
 def compile_source(source: PolicySource, *, rego_v0: bool = False, include_tests: bool = False,
-                   clock: jwt.Clock = time.time_ns, probe_queries: tuple[str, ...] = ()) -> Any:
+                   clock: jwt.Clock = time.time_ns, probe_queries: tuple[str, ...] = (), validate: bool = True) -> Any:
     """Build a regorus Engine for `source` on the calling thread, and validate it.
 
     regorus parses on `add_policy` but reports unsafe variables, unknown functions and rule conflicts only when
@@ -67,18 +67,19 @@ def compile_source(source: PolicySource, *, rego_v0: bool = False, include_tests
             try:
                 engine.add_policy(path, text)
             except RuntimeError as exc:
-                raise PolicyError(f"{path}: {_short(exc)}") from None
+                raise PolicyError(f"{path}: {short_error(exc)}") from None
         for data_path, document in source.data:
             try:
                 engine.add_data(nest(data_path, document))
             except RuntimeError as exc:
-                raise PolicyError(f"data at {'.'.join(('data', *data_path))}: {_short(exc)}") from None
+                raise PolicyError(f"data at {'.'.join(('data', *data_path))}: {short_error(exc)}") from None
         try:
-            engine.eval_query("data")
+            if validate:
+                engine.eval_query("data")
             for query in probe_queries:
                 engine.eval_rule(query)  # raises when the set does not define the rule at all
         except RuntimeError as exc:
-            raise PolicyError(_short(exc)) from None
+            raise PolicyError(short_error(exc)) from None
     except BaseException as exc:
         if _is_panic(exc):
             raise PolicyError(f"policy engine panicked: {exc}") from None
@@ -175,10 +176,10 @@ class EmbeddedEngine:
             engine.set_input(document)
             return engine.eval_rule(query)
         except RuntimeError as exc:
-            raise EngineError(_short(exc)) from None
+            raise EngineError(short_error(exc)) from None
         except BaseException as exc:
             if _is_panic(exc):
-                raise EngineError(f"policy engine panicked: {_short(exc)}") from None
+                raise EngineError(f"policy engine panicked: {short_error(exc)}") from None
             raise
 
     async def evaluate(self, query: str, document: dict[str, Any]) -> tuple[Any, str]:
