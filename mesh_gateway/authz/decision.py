@@ -73,17 +73,3 @@ def parse_decision(value: Any) -> Decision:
         request_headers_to_remove=tuple(n.lower() for n in remove),
     )
 
-
-def single_result(query_result: Any) -> Any:
-    """The one value of an `eval_query`-shaped answer; none (undefined) or several are errors."""
-    if not isinstance(query_result, dict) or not isinstance(query_result.get("result"), list):
-        raise DecisionError("malformed query result")
-    results = query_result["result"]
-    if not results:
-        raise DecisionError("decision is undefined")
-    if len(results) > 1:
-        raise DecisionError(f"query produced {len(results)} results, expected one")
-    expressions = results[0].get("expressions", [])
-    if len(expressions) != 1:
-        raise DecisionError("query must be a single expression")
-    return expressions[0].get("value")

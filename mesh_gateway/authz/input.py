@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
+from mesh_gateway.headers import sanitise_inbound
 from mesh_gateway.model import BodyPrefix, RequestInfo, Route, SpiffeId
 
 INPUT_VERSION = {"encoding": "protojson", "ext_authz": "v3"}
@@ -94,14 +95,17 @@ def normalise_path(raw: str) -> NormalisedPath:
 
 
 def _headers(info: RequestInfo, path: str, extra: dict[str, str]) -> dict[str, str]:
-    """Lower-cased names; repeated headers joined with ',' as Envoy does (cookies with '; ')."""
+    """Lower-cased names; repeated headers joined with ',' as Envoy does (cookies with '; ').
+
+    Sanitised first, as Envoy's ext_authz sees them: hop-by-hop headers and identity headers a client could
+    forge (`x-forwarded-client-cert`, `forwarded`, `x-spiffe-*`) are gone; the gateway's own are added."""
     merged: dict[str, str] = {
         ":authority": info.host,
         ":method": info.method,
         ":path": path,
         ":scheme": info.scheme,
     }
-    for name, value in info.headers:
+    for name, value in sanitise_inbound(info.headers):
         if name in merged and not name.startswith(":"):
             merged[name] += ("; " if name == "cookie" else ",") + value
         else:

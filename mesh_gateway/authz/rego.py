@@ -39,7 +39,9 @@ class EngineError(Exception):
 
 def short_error(exc: BaseException) -> str:
     """regorus messages carry a source excerpt; keep the location and the final error line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # A Rust backtrace is appended when RUST_BACKTRACE is set in the environment; it never helps a policy author.
+    text = str(exc).split("Stack backtrace:", 1)[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     location = next((line[4:] for line in lines if line.startswith("-->")), "")
     last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "")
     return f"{location}: {last}" if location else last
