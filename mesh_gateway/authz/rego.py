@@ -146,8 +146,11 @@ class EmbeddedEngine:
                 return False
             self._install(source)
             return True
-        except (PolicyError, TimeoutError) as exc:
-            message = str(exc) or "reading the policy directory timed out"
+        except Exception as exc:
+            # Whatever a policy file contains, the watcher must keep running and the old set keep serving.
+            message = str(exc) if isinstance(exc, PolicyError) else (
+                "reading the policy directory timed out" if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}")
             current = self.state.get()
             self.state.publish(PolicyState(current.root, current.revision, current.loaded_at, current.files,
                                            message, self._wall(), current.engine))
