@@ -170,7 +170,7 @@ def normalise_query(value: Any) -> str:
     """`envoy.authz.allow`, `envoy/authz/allow` and `data.envoy.authz.allow` all name the same rule."""
     text = str(value).strip().replace("/", ".")
     text = text if text.startswith("data.") else f"data.{text}"
-    if not _QUERY.match(text) or text == "data":
+    if not _QUERY.match(text):
         raise ValueError("expected a rule path such as data.envoy.authz.allow")
     return text
 
