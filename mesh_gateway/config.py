@@ -199,8 +199,8 @@ _DEFAULT_OTLP_ENDPOINT = {"otlp_grpc": "http://127.0.0.1:4317", "otlp_http": "ht
 
 
 class Tracing(Model):
-    exporter: Literal["otlp_grpc", "otlp_http", "none"] = "otlp_grpc"
-    """`none` records nothing but still propagates trace context upstream."""
+    exporter: Literal["otlp_grpc", "otlp_http", "none"] = "none"
+    """Off unless asked for (no collector to fail against); `none` still propagates trace context upstream."""
     endpoint: str | None = None
     """Omitted → http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318/v1/traces (HTTP). https:// → TLS."""
     headers: dict[str, SecretStr] = Field(default_factory=dict)

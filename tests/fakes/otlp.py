@@ -1,0 +1,115 @@
+"""An in-process OTLP/gRPC trace receiver: the real TraceService from opentelemetry-proto on 127.0.0.1:0.
+
+It keeps every span it receives, flattened into `ReceivedSpan`s, so tests can assert on what Jaeger would show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+KINDS = {Span.SPAN_KIND_INTERNAL: "internal", Span.SPAN_KIND_SERVER: "server", Span.SPAN_KIND_CLIENT: "client",
+         Span.SPAN_KIND_PRODUCER: "producer", Span.SPAN_KIND_CONSUMER: "consumer"}
+STATUSES = {Status.STATUS_CODE_UNSET: "unset", Status.STATUS_CODE_OK: "ok", Status.STATUS_CODE_ERROR: "error"}
+
+
+def _value(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    if which == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, which) if which else None
+
+
+def _attributes(items: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in items if isinstance(kv, KeyValue)}
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    name: str
+    kind: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    attributes: dict[str, Any]
+    status: str
+    status_message: str
+    resource: dict[str, Any]
+    duration_ns: int
+
+
+@dataclass
+class OtlpReceiver:
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    requests: int = 0
+    port: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> OtlpReceiver:
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # the gRPC method's own name
+                receiver._store(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait(5)
+            self._server = None
+
+    def _store(self, request: Any) -> None:
+        received = []
+        for resource_spans in request.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    received.append(ReceivedSpan(
+                        name=span.name, kind=KINDS.get(span.kind, "unspecified"), trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(), parent_span_id=span.parent_span_id.hex(),
+                        attributes=_attributes(span.attributes), status=STATUSES[span.status.code],
+                        status_message=span.status.message, resource=resource,
+                        duration_ns=span.end_time_unix_nano - span.start_time_unix_nano))
+        with self._lock:
+            self.requests += 1
+            self.spans.extend(received)
+
+    def snapshot(self) -> list[ReceivedSpan]:
+        with self._lock:
+            return list(self.spans)
+
+    def named(self, name: str) -> list[ReceivedSpan]:
+        return [s for s in self.snapshot() if s.name == name]
+
+    async def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout_s: float = 10.0
+                       ) -> list[ReceivedSpan]:
+        """Poll until `predicate(spans)` holds; fail with what arrived when the deadline passes."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            spans = self.snapshot()
+            if predicate(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spans never matched; received {[(s.name, s.kind) for s in spans]}")
+            await asyncio.sleep(0.02)
