@@ -9,7 +9,8 @@ import pytest
 from mesh_gateway import config as cfg
 from mesh_gateway.errors import AuthzUnavailable, Forbidden, NotFound
 from mesh_gateway.model import PeerCert, RequestInfo, SpiffeId
-from mesh_gateway.telemetry.tracing import OtelTracer, split_authority
+from mesh_gateway.telemetry.semconv import split_authority
+from mesh_gateway.telemetry.tracing import OtelTracer
 from tests.fakes.otlp import OtlpReceiver
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"

@@ -16,12 +16,12 @@ from prometheus_client.registry import Collector
 
 from mesh_gateway.errors import UpstreamIdentityMismatch, UpstreamUnavailable
 from mesh_gateway.model import Decision, RequestInfo, Route
+from mesh_gateway.telemetry.semconv import KNOWN_METHODS
 
 if TYPE_CHECKING:
     from mesh_gateway.pipeline import Authorizer, Exchange
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 # Latency buckets from 1 ms to 30 s: a gateway hop is usually milliseconds, a slow upstream up to the route timeout.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _AUTHZ_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -74,7 +74,7 @@ class Metrics:
     # -- called by the edge on completion -------------------------------------------------------------------
     def request_done(self, exchange: Exchange, duration_s: float) -> None:
         route = exchange.route.name if exchange.route else NO_ROUTE
-        method = exchange.info.method if exchange.info.method in _METHODS else "OTHER"
+        method = exchange.info.method if exchange.info.method in KNOWN_METHODS else "OTHER"
         self.requests.labels(route, method, str(exchange.status)).inc()
         self.request_duration.labels(route).observe(duration_s)
         if exchange.route is not None:

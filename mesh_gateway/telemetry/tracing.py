@@ -24,7 +24,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -43,14 +43,13 @@ from mesh_gateway.config import ConfigError
 from mesh_gateway.config import Tracing as TracingConfig
 from mesh_gateway.errors import GatewayError
 from mesh_gateway.model import RequestInfo
+from mesh_gateway.telemetry.semconv import KNOWN_METHODS, AttributeValue, server_attributes
 
 log = logging.getLogger(__name__)
 
-AttributeValue = str | int | float | bool
 # Inbound copies of these are replaced on inject, so the upstream never sees the client's span as its parent.
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage", "b3", "x-b3-traceid", "x-b3-spanid",
                            "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"})
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _STATUS_KEY = "http.response.status_code"
 _EMPTY = Context()
 # The common inbound case, a lone version-00 traceparent, is parsed here; anything else goes to the propagators.
@@ -182,7 +181,9 @@ class OtelTracer:
                                       max_batch_size=config.max_export_batch_size, delay_s=config.export_delay_s)
             resource = Resource({"service.name": service_name, "service.version": service_version,
                                  "service.instance.id": instance_id})
-            self._provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON),
+            # The sampling decision is taken in ingress() before the SDK is called (unsampled spans never reach
+            # it), so the SDK's own sampler only has to say yes.
+            self._provider = TracerProvider(resource=resource, sampler=ALWAYS_ON,
                                             shutdown_on_exit=False)
             self._provider.add_span_processor(self._queue)
             self._tracer = self._provider.get_tracer("mesh_gateway", service_version)
@@ -219,7 +220,7 @@ class OtelTracer:
                               parent.trace_state if parent.is_valid else None)
         if parent.is_valid and base is _EMPTY:
             base = set_span_in_context(NonRecordingSpan(parent), base)
-        span = self._tracer.start_span(info.method if info.method in _KNOWN_METHODS else "HTTP", context=base,
+        span = self._tracer.start_span(info.method if info.method in KNOWN_METHODS else "HTTP", context=base,
                                        kind=SpanKind.SERVER, attributes=server_attributes(info))
         return _LiveSpan(self, span, base, SpanKind.SERVER)
 
@@ -345,46 +346,3 @@ class _QuietSpan:
 
     def end(self) -> None:
         pass
-
-
-def server_attributes(info: RequestInfo) -> dict[str, AttributeValue]:
-    """OTel HTTP (and RPC for gRPC) semantic-convention attributes known when the request arrives."""
-    method = info.method if info.method in _KNOWN_METHODS else "_OTHER"
-    host, port = split_authority(info.host)
-    version = info.protocol.removeprefix("HTTP/")
-    attrs: dict[str, AttributeValue] = {
-        "http.request.method": method,
-        "url.path": info.path,
-        "url.scheme": info.scheme,
-        "server.address": host,
-        "client.address": info.client_address,
-        "network.protocol.version": "2" if version == "2.0" else version,
-    }
-    if method == "_OTHER":
-        attrs["http.request.method_original"] = info.method
-    if port is not None:
-        attrs["server.port"] = port
-    if info.client_port:
-        attrs["client.port"] = info.client_port
-    agent = info.header("user-agent")
-    if agent is not None:
-        attrs["user_agent.original"] = agent
-    peer = info.peer_spiffe_id
-    if peer is not None:
-        attrs["mesh.peer.spiffe_id"] = str(peer)
-    if info.is_grpc:
-        service, _, rpc = info.path.lstrip("/").partition("/")
-        attrs.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc})
-    return attrs
-
-
-def split_authority(authority: str) -> tuple[str, int | None]:
-    """`host`, `host:port`, `[v6]:port` → (host, port or None)."""
-    if authority.startswith("["):
-        host, _, rest = authority[1:].partition("]")
-        port = rest.removeprefix(":")
-        return host, int(port) if port.isdigit() else None
-    host, sep, port = authority.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host, int(port)
-    return authority, None
