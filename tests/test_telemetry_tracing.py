@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +12,7 @@ from mesh_gateway.errors import AuthzUnavailable, Forbidden, NotFound
 from mesh_gateway.model import PeerCert, RequestInfo, SpiffeId
 from mesh_gateway.telemetry.semconv import split_authority
 from mesh_gateway.telemetry.tracing import OtelTracer
-from tests.fakes.otlp import OtlpReceiver
+from tests.fakes.otlp import OtlpHttpReceiver, OtlpReceiver
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -57,7 +58,7 @@ def upstream_headers(tracer: OtelTracer, info: RequestInfo) -> tuple[str, str, d
 
 
 async def test_spans_link_to_the_client_span_and_carry_resource_and_semconv(receiver):
-    tracer = make_tracer(tracing(receiver.endpoint))
+    tracer = make_tracer(tracing(receiver.endpoint, headers={"Authorization": "Bearer t0k"}))
     info = request((("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),))
     ingress = tracer.ingress(info)
     ingress.rename("GET orders")
@@ -84,6 +85,21 @@ async def test_spans_link_to_the_client_span_and_carry_resource_and_semconv(rece
         "mesh.peer.spiffe_id": "spiffe://mesh.local/ns/default/sa/client", "http.response.status_code": 200}
     assert "token=secret" not in repr(server.attributes)
     assert child.attributes == {"mesh.authz.allowed": True}
+    assert receiver.metadata[0]["authorization"] == "Bearer t0k"
+
+
+async def test_otlp_http_exporter_delivers_spans():
+    receiver = await OtlpHttpReceiver().start_http()
+    try:
+        tracer = make_tracer(tracing(receiver.endpoint, exporter="otlp_http", headers={"x-api-key": "k1"}))
+        tracer.ingress(request()).end()
+        [server] = await receiver.wait_for(lambda s: len(s) == 1)
+        await asyncio.to_thread(tracer.shutdown)
+    finally:
+        await receiver.stop_http()
+    assert server.kind == "server" and server.resource["service.name"] == "edge-gw"
+    assert tracer.stats().exported == 1
+    assert receiver.metadata[0]["x-api-key"] == "k1"
 
 
 async def test_grpc_requests_carry_rpc_attributes(receiver):

@@ -8,6 +8,7 @@ unsampled requests stay cheap and still propagate one trace id upstream.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import random
 import re
@@ -124,8 +125,15 @@ class ExportQueue(SpanProcessor):
         self._idle.set()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._wake.set()
-        return self._idle.wait(timeout_millis / 1000)
+        deadline = time.monotonic() + timeout_millis / 1000
+        # `idle` can be set a moment before a span lands in the queue, so check the queue too and go round again.
+        while time.monotonic() < deadline:
+            self._wake.set()
+            if self._idle.wait(max(0.0, deadline - time.monotonic())):
+                if not self._queue:
+                    return True
+                time.sleep(0.001)  # the worker has not picked the late span up yet
+        return False
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Export what is queued within `timeout_s`, then abandon the rest (the thread is a daemon)."""
@@ -135,7 +143,11 @@ class ExportQueue(SpanProcessor):
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
-        self._exporter.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)  # type: ignore[call-arg]
+        if "timeout_millis" in inspect.signature(self._exporter.shutdown).parameters:  # the gRPC exporter's
+            remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+            self._exporter.shutdown(timeout_millis=remaining_ms)  # type: ignore[call-arg]
+        else:
+            self._exporter.shutdown()
 
 
 def build_exporter(config: TracingConfig) -> SpanExporter | None:

@@ -1,6 +1,7 @@
-"""An in-process OTLP/gRPC trace receiver: the real TraceService from opentelemetry-proto on 127.0.0.1:0.
+"""In-process OTLP trace receivers on 127.0.0.1:0: gRPC (the real TraceService from opentelemetry-proto) and
+HTTP/protobuf (POST /v1/traces, served by aiohttp).
 
-It keeps every span it receives, flattened into `ReceivedSpan`s, so tests can assert on what Jaeger would show.
+They keep every span received, flattened into `ReceivedSpan`s, so tests can assert on what Jaeger would show.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -52,6 +54,7 @@ class ReceivedSpan:
 class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     requests: int = 0
+    metadata: list[dict[str, str]] = field(default_factory=list)
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: Any = None
@@ -65,7 +68,7 @@ class OtlpReceiver:
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:  # the gRPC method's own name
-                receiver._store(request)
+                receiver._store(request, {k: str(v) for k, v in context.invocation_metadata()})
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -79,7 +82,7 @@ class OtlpReceiver:
             self._server.stop(grace=None).wait(5)
             self._server = None
 
-    def _store(self, request: Any) -> None:
+    def _store(self, request: Any, metadata: dict[str, str]) -> None:
         received = []
         for resource_spans in request.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
@@ -93,6 +96,7 @@ class OtlpReceiver:
                         duration_ns=span.end_time_unix_nano - span.start_time_unix_nano))
         with self._lock:
             self.requests += 1
+            self.metadata.append(metadata)
             self.spans.extend(received)
 
     def snapshot(self) -> list[ReceivedSpan]:
@@ -113,3 +117,36 @@ class OtlpReceiver:
             if time.monotonic() > deadline:
                 raise AssertionError(f"spans never matched; received {[(s.name, s.kind) for s in spans]}")
             await asyncio.sleep(0.02)
+
+
+class OtlpHttpReceiver(OtlpReceiver):
+    """OTLP over HTTP/protobuf; runs on the test's event loop (the exporter posts from its own thread)."""
+
+    _runner: web.AppRunner | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    async def start_http(self) -> OtlpHttpReceiver:
+        async def export(request: web.Request) -> web.Response:
+            if request.content_type != "application/x-protobuf":
+                return web.Response(status=415)
+            message = trace_service_pb2.ExportTraceServiceRequest()
+            message.ParseFromString(await request.read())
+            self._store(message, {k.lower(): v for k, v in request.headers.items()})
+            body = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            return web.Response(body=body, content_type="application/x-protobuf")
+
+        app = web.Application()
+        app.router.add_post("/v1/traces", export)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop_http(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
