@@ -219,6 +219,7 @@ async def test_errors_follow_semantic_conventions(receiver):
         child.fail(error)
         child.end()
         span.fail(error)
+        span.set("http.response.status_code", error.status)  # as the edge does after the pipeline failed it
         span.end()
     upstream = tracer.child(tracer.ingress(request()), "upstream", client=True)
     upstream.set("http.response.status_code", 404)

@@ -266,7 +266,7 @@ class OtelTracer:
 
 
 class _LiveSpan:
-    __slots__ = ("_base", "_context", "_kind", "_span", "_tracer")
+    __slots__ = ("_base", "_context", "_failed", "_kind", "_span", "_tracer")
 
     def __init__(self, tracer: OtelTracer, span: OtelSpan, base: Context, kind: SpanKind) -> None:
         self._tracer = tracer
@@ -274,6 +274,7 @@ class _LiveSpan:
         self._base = base
         self._kind = kind
         self._context: Context | None = None
+        self._failed = False
 
     @property
     def context(self) -> Context:
@@ -293,7 +294,7 @@ class _LiveSpan:
     def set(self, key: str, value: AttributeValue) -> None:
         self._span.set_attribute(key, value)
         # Semantic conventions: a SERVER span errs on 5xx only (4xx is the client's fault); a CLIENT span on 4xx too.
-        if key == _STATUS_KEY and isinstance(value, int):
+        if key == _STATUS_KEY and isinstance(value, int) and not self._failed:  # keep fail()'s precise error.type
             limit = 500 if self._kind is SpanKind.SERVER else 400
             if value >= limit:
                 self._span.set_attribute("error.type", str(value))
@@ -303,6 +304,7 @@ class _LiveSpan:
         self._span.update_name(name)
 
     def fail(self, error: GatewayError) -> None:
+        self._failed = True
         self._span.set_attribute("error.type", error.kind)
         if self._kind is not SpanKind.SERVER or error.status >= 500:
             self._span.set_status(Status(StatusCode.ERROR, str(error)))
