@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.support import CLIENT_ID, WEB_ID, admin_url, client_ssl, gateway_conf
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 class PathPolicy:
@@ -131,18 +133,25 @@ async def test_receiver_down_requests_unaffected_and_drops_counted(ca, ca_dir, w
     async with running(config) as gw, aiohttp.ClientSession() as client:
         for _ in range(3):
             assert (await get(client, ssl, url(gw, "/")))[0] == 200
-        dropped = 0.0
-        for _ in range(500):  # bounded poll: the export worker gives up on the refused collector
-            samples = await scrape(client, admin_url(gw, "/metrics"))
-            dropped = samples.get(("mesh_gateway_trace_spans_dropped_total", (("reason", "export_failed"),)), 0)
-            if dropped >= 9:
-                break
-            await asyncio.sleep(0.02)
-        assert dropped == 9
+        dropped = ("mesh_gateway_trace_spans_dropped_total", (("reason", "export_failed"),))
+        # The export worker gives up on the refused collector in its own time.
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: m.get(dropped, 0) >= 9)
+        assert samples[dropped] == 9
         assert samples[("mesh_gateway_trace_spans_exported_total", ())] == 0
 
 
-async def scrape(client: aiohttp.ClientSession, target: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape_until(client: aiohttp.ClientSession, target: str, done: Callable[[Samples], bool],
+                       timeout_s: float = 10.0) -> Samples:
+    """Requests are counted once their last byte is written, which may be just after the client has read it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = await scrape(client, target)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.02)
+
+
+async def scrape(client: aiohttp.ClientSession, target: str) -> Samples:
     async with client.get(target) as resp:
         assert resp.status == 200
         assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -163,7 +172,9 @@ async def test_metrics_parse_and_move_with_requests(ca, ca_dir, web_upstream, cl
         assert before.get(ok, 0) == 0
         for path in ("/a", "/b", "/deny"):
             await get(client, ssl, url(gw, path))
-        after = await scrape(client, admin_url(gw, "/metrics"))
+        after = await scrape_until(client, admin_url(gw, "/metrics"),
+                                   lambda m: m.get(("mesh_gateway_request_duration_seconds_count", (("route", "web"),)))
+                                   == 3)
     assert after[ok] == 2
     assert after[("mesh_gateway_requests_total", (("code", "403"), ("method", "GET"), ("route", "web")))] == 1
     assert after[("mesh_gateway_request_duration_seconds_count", (("route", "web"),))] == 3
@@ -181,8 +192,8 @@ async def test_upstream_connect_errors_are_counted(ca, ca_dir, client_creds):
                             telemetry={"access_log": {"enabled": False}})
     async with running(config) as gw, aiohttp.ClientSession() as client:
         assert (await get(client, client_ssl(ca.bundle_pem, client_creds), url(gw, "/")))[0] == 502
-        samples = await scrape(client, admin_url(gw, "/metrics"))
-    key = ("mesh_gateway_upstream_connect_errors_total", (("reason", "UpstreamUnavailable"), ("service", "web")))
+        key = ("mesh_gateway_upstream_connect_errors_total", (("reason", "UpstreamUnavailable"), ("service", "web")))
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: key in m)
     assert samples[key] == 1
     assert samples[("mesh_gateway_requests_total", (("code", "502"), ("method", "GET"), ("route", "web")))] == 1
 
@@ -196,8 +207,9 @@ async def test_no_route_is_logged_and_counted_without_a_route_label(ca, ca_dir, 
         telemetry={"access_log": {"path": str(log_path), "include_query": True}})
     async with running(config) as gw, aiohttp.ClientSession() as client:
         assert (await get(client, client_ssl(ca.bundle_pem, client_creds), url(gw, "/nope?q=1")))[0] == 404
-        samples = await scrape(client, admin_url(gw, "/metrics"))
-    assert samples[("mesh_gateway_requests_total", (("code", "404"), ("method", "GET"), ("route", "(none)")))] == 1
+        key = ("mesh_gateway_requests_total", (("code", "404"), ("method", "GET"), ("route", "(none)")))
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: key in m)
+    assert samples[key] == 1
     [line] = log_lines(log_path)
     assert (line["status"], line["route"], line["error"], line["query"]) == (404, None, "NotFound", "q=1")
     assert line["trace_id"] and line["upstream"] is None
