@@ -234,9 +234,11 @@ class Tracing(Model):
         return value
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> Tracing:
+    def _consistent(self) -> Tracing:
         if self.max_export_batch_size > self.max_queue_size:
             raise _KeyError(("telemetry", "tracing", "max_export_batch_size"), "must not exceed max_queue_size")
+        if self.ca_file is not None and not self.effective_endpoint.startswith("https://"):
+            raise _KeyError(("telemetry", "tracing", "ca_file"), "only used with an https:// endpoint")
         return self
 
     @property

@@ -13,6 +13,7 @@ from mesh_gateway.model import PeerCert, RequestInfo, SpiffeId
 from mesh_gateway.telemetry.semconv import split_authority
 from mesh_gateway.telemetry.tracing import OtelTracer
 from tests.fakes.otlp import OtlpHttpReceiver, OtlpReceiver
+from tests.support import issue
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -100,6 +101,26 @@ async def test_otlp_http_exporter_delivers_spans():
     assert server.kind == "server" and server.resource["service.name"] == "edge-gw"
     assert tracer.stats().exported == 1
     assert receiver.metadata[0]["x-api-key"] == "k1"
+
+
+async def test_tls_collector_verified_against_ca_file(ca, tmp_path):
+    creds = issue(ca, "spiffe://mesh.local/ns/observability/sa/collector")
+    receiver = OtlpReceiver().start(tls=(creds.cert_chain_pem, creds.key_pem))
+    (tmp_path / "roots.pem").write_bytes(ca.bundle_pem)
+    try:
+        endpoint = f"https://localhost:{receiver.port}"
+        tracer = make_tracer(tracing(endpoint, ca_file=tmp_path / "roots.pem"))
+        tracer.ingress(request()).end()
+        await receiver.wait_for(lambda s: len(s) == 1)
+        tracer.shutdown()
+        # Without our roots the collector's certificate is not trusted: nothing is delivered.
+        untrusting = make_tracer(tracing(endpoint, export_timeout_s=0.5))
+        untrusting.ingress(request()).end()
+        untrusting.shutdown()
+    finally:
+        receiver.stop()
+    assert len(receiver.snapshot()) == 1
+    assert untrusting.stats().dropped_export_failed == 1
 
 
 async def test_grpc_requests_carry_rpc_attributes(receiver):
@@ -251,6 +272,7 @@ def test_split_authority(given, expected):
     ({"endpoint": "127.0.0.1:4317"}, "telemetry.tracing.endpoint"),
     ({"max_queue_size": 10, "max_export_batch_size": 20}, "telemetry.tracing.max_export_batch_size"),
     ({"colour": "red"}, "telemetry.tracing.colour: unknown key"),
+    ({"exporter": "otlp_grpc", "ca_file": "ca.pem"}, "telemetry.tracing.ca_file: only used with an https://"),
 ])
 def test_bad_tracing_config_names_the_key(settings, message):
     data = {"trust_domain": "mesh.local", "listeners": [{"name": "p", "address": "127.0.0.1:0"}],

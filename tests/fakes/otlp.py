@@ -63,7 +63,8 @@ class OtlpReceiver:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port: int = 0) -> OtlpReceiver:
+    def start(self, port: int = 0, *, tls: tuple[bytes, bytes] | None = None) -> OtlpReceiver:
+        """`tls` = (certificate chain PEM, key PEM) serves OTLP over TLS instead of plaintext."""
         receiver = self
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
@@ -73,7 +74,11 @@ class OtlpReceiver:
 
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        if tls is None:
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(f"127.0.0.1:{port}", credentials)
         self._server.start()
         return self
 
