@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -218,6 +220,27 @@ async def test_receiver_down_drops_and_counts_without_blocking(receiver):
     stats = tracer.stats()
     assert stats.exported == 0
     assert stats.dropped_export_failed == 10
+
+
+async def test_shutdown_is_bounded_when_the_collector_hangs():
+    receiver = OtlpReceiver(hold=threading.Event()).start()
+    try:
+        tracer = make_tracer(tracing(receiver.endpoint, export_timeout_s=60, shutdown_timeout_s=0.3,
+                                     max_export_batch_size=1))
+        tracer.ingress(request()).end()
+        deadline = time.monotonic() + 10
+        while receiver.started == 0 and time.monotonic() < deadline:  # the first export is now hanging
+            await asyncio.sleep(0.01)
+        for _ in range(3):
+            tracer.ingress(request()).end()
+        await asyncio.to_thread(tracer.shutdown)  # returns although the collector never answers
+        stats = tracer.stats()
+    finally:
+        assert receiver.hold is not None
+        receiver.hold.set()
+        receiver.stop()
+    assert stats.exported == 0
+    assert stats.dropped_export_failed >= 3
 
 
 async def test_full_queue_drops_and_counts(receiver):

@@ -55,8 +55,8 @@ _STATUS_KEY = "http.response.status_code"
 _EMPTY = Context()
 # The common inbound case, a lone version-00 traceparent, is parsed here; anything else goes to the propagators.
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-# B3 extract understands both the single `b3` header and the x-b3-* set; W3C runs last so it wins when both appear.
 _NO_PARENT = SpanContext(0, 0, is_remote=False)
+# B3 extract understands both the single `b3` header and the x-b3-* set; W3C runs last so it wins when both appear.
 _EXTRACTORS: tuple[TextMapPropagator, ...] = (B3MultiFormat(), TraceContextTextMapPropagator(),
                                               W3CBaggagePropagator())
 _INJECTORS: dict[str, TextMapPropagator] = {"w3c": TraceContextTextMapPropagator(), "b3": B3SingleFormat(),
@@ -91,6 +91,7 @@ class ExportQueue(SpanProcessor):
         self.exported = 0
         self.dropped_queue_full = 0
         self.dropped_export_failed = 0
+        self.abandoned = 0
         self._thread = threading.Thread(target=self._run, name="mesh-gateway-span-export", daemon=True)
         self._thread.start()
 
@@ -143,6 +144,9 @@ class ExportQueue(SpanProcessor):
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():  # stuck in an export: what is still queued will never leave
+            self.abandoned = len(self._queue)
+            self._queue.clear()
         if "timeout_millis" in inspect.signature(self._exporter.shutdown).parameters:  # the gRPC exporter's
             remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
             self._exporter.shutdown(timeout_millis=remaining_ms)  # type: ignore[call-arg]
@@ -206,7 +210,9 @@ class OtelTracer:
 
     def stats(self) -> SpanStats:
         q = self._queue
-        return SpanStats(q.exported, q.dropped_queue_full, q.dropped_export_failed) if q else SpanStats(0, 0, 0)
+        if q is None:
+            return SpanStats(0, 0, 0)
+        return SpanStats(q.exported, q.dropped_queue_full, q.dropped_export_failed + q.abandoned)
 
     def ingress(self, info: RequestInfo) -> _LiveSpan | _QuietSpan:
         carrier: dict[str, str] | None = None

@@ -54,6 +54,9 @@ class ReceivedSpan:
 class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     requests: int = 0
+    started: int = 0
+    hold: threading.Event | None = None
+    """When given, every Export waits for it: a collector that accepted the call and hangs."""
     metadata: list[dict[str, str]] = field(default_factory=list)
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -69,6 +72,10 @@ class OtlpReceiver:
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:  # the gRPC method's own name
+                with receiver._lock:
+                    receiver.started += 1
+                if receiver.hold is not None:
+                    receiver.hold.wait(30)
                 receiver._store(request, {k: str(v) for k, v in context.invocation_metadata()})
                 return trace_service_pb2.ExportTraceServiceResponse()
 
