@@ -231,3 +231,20 @@ async def test_config_view_redacts_secrets_and_routes_view_lists_routes(ca, ca_d
     assert shown["routes"][0]["name"] == "web"
     [route] = routes["routes"]
     assert (route["name"], route["service"], route["match"]["path"]) == ("web", "web", "/")
+
+
+async def test_requests_refused_at_the_edge_are_logged_and_counted(ca, ca_dir, web_upstream, client_creds,
+                                                                   tmp_path):
+    log_path = tmp_path / "access.log"
+    config = gateway_config(
+        ca_dir, {"web": [{"address": web_upstream.host, "port": web_upstream.port, "spiffe_id": WEB_ID}]},
+        limits={"max_request_line_bytes": 512}, telemetry={"access_log": {"path": str(log_path)}})
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        status, _ = await get(client, client_ssl(ca.bundle_pem, client_creds), url(gw, "/" + "a" * 600))
+        assert status == 414
+        key = ("mesh_gateway_requests_total", (("code", "414"), ("method", "GET"), ("route", "(none)")))
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: key in m)
+    assert samples[key] == 1
+    [line] = log_lines(log_path)
+    assert (line["status"], line["error"], line["route"]) == (414, "UriTooLong", None)
+    assert line["path"] == "/" + "a" * 255 and line["trace_id"]
