@@ -180,3 +180,16 @@ async def test_plain_http_listener_serves(ca, ca_dir, web_upstream):
             seen = (await resp.json())["headers"]
     assert seen["x-forwarded-proto"] == "http"
     assert "x-forwarded-client-cert" not in seen
+
+
+async def test_client_slow_to_send_its_request_head_is_disconnected(ca, ca_dir, web_upstream, client_creds):
+    config = gateway_config(ca_dir, web_catalog(web_upstream), limits={"idle_timeout_s": 0.5})
+    async with running(config) as gw:
+        host, port = gw.addresses["public"]
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_ssl(ca.bundle_pem, client_creds),
+                                                       server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")  # never finishes the head
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)  # returns once the gateway closes the connection
+        writer.close()
+    assert b"200" not in data
