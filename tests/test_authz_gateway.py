@@ -270,3 +270,21 @@ async def test_admin_policies_view_and_decision_log_file(ca, ca_dir, web_upstrea
     assert (line["result"], line["route"], line["principal"]) == ("allow", "web", CLIENT_ID)
     assert line["revision"] == view["revision"] and line["headers"]["authorization"] == "[REDACTED]"
     assert "top-secret" not in log_file.read_text()
+
+
+async def test_decision_log_carries_the_trace_id_of_the_request(ca, ca_dir, web_upstream, client_creds, policies,
+                                                                tmp_path):
+    log_file = tmp_path / "decisions.jsonl"
+    config = gateway_config(ca_dir, catalog(web_upstream),
+                            authz=authz_config(policies, decision_log={"sink": str(log_file)}))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    tls = client_ssl(ca.bundle_pem, client_creds)
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        for method in ("GET", "DELETE"):
+            await call(client, method, url(gw, "/api/orders"), tls,
+                       headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [line["result"] for line in lines] == ["allow", "deny"]
+    for line in lines:
+        assert line["trace_id"] == trace_id
+        assert len(line["span_id"]) == 16 and line["span_id"] != "00f067aa0ba902b7"  # the gateway's own span
