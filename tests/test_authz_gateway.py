@@ -288,3 +288,20 @@ async def test_decision_log_carries_the_trace_id_of_the_request(ca, ca_dir, web_
     for line in lines:
         assert line["trace_id"] == trace_id
         assert len(line["span_id"]) == 16 and line["span_id"] != "00f067aa0ba902b7"  # the gateway's own span
+
+
+async def test_demo_gateway_authorizes_the_demo_client_only(tmp_path):
+    from mesh_gateway.commands.demo import CLIENT_ID as DEMO_CLIENT
+    from mesh_gateway.commands.demo import UPSTREAM_ID, demo_config
+
+    ca = init_ca(tmp_path / "ca", "mesh.local")
+    upstream = await start_upstream("web", issue(ca, UPSTREAM_ID))
+    config = demo_config(tmp_path / "ca", "127.0.0.1:0", upstream.port, "127.0.0.1:0")
+    demo_client = client_ssl(ca.bundle_pem, issue(ca, DEMO_CLIENT))
+    try:
+        async with running(config) as gw, aiohttp.ClientSession() as client:
+            assert (await call(client, "GET", url(gw, "/hello"), demo_client))[0] == 200
+            assert (await call(client, "POST", url(gw, "/hello"), demo_client, data=b"x"))[0] == 403
+            assert (await call(client, "GET", url(gw, "/hello"), client_ssl(ca.bundle_pem)))[0] == 403
+    finally:
+        await upstream.close()
