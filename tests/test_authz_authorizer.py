@@ -238,3 +238,26 @@ async def test_cache_expires(policies):
 async def test_ambiguous_path_is_refused_before_any_policy(policies):
     with pytest.raises(BadRequest):
         await embedded(policies).check(request_info(path="/api/..%2Fadmin"), ROUTE, exchange())
+
+
+async def test_remote_opa_over_tls_is_verified_against_the_configured_ca(policies, ca, tmp_path):
+    from mesh_gateway.identity.tls import server_context
+    from tests.support import issue
+
+    creds = issue(ca, "spiffe://mesh.local/ns/default/sa/opa")
+    fake = await FakeOpa(policies.path, tls=server_context(creds.cert_chain_pem, creds.key_pem, client_auth="none",
+                                                           client_ca_pem=None)).start()
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.bundle_pem)
+    trusted = PolicyAuthorizer(OpaClient(fake.url, timeout_s=2, ca_file=bundle))
+    untrusted = PolicyAuthorizer(OpaClient(fake.url, timeout_s=2))  # system roots do not know our CA
+    try:
+        assert fake.url.startswith("https://")
+        assert (await trusted.check(request_info(), ROUTE, exchange())).allowed
+        with pytest.raises(AuthzUnavailable, match="unreachable"):
+            await untrusted.check(request_info(), ROUTE, exchange())
+        assert len(fake.requests) == 1
+    finally:
+        await trusted.close()
+        await untrusted.close()
+        await fake.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,13 @@ class FakeOpa:
     requests: list[dict[str, Any]] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
+    tls: ssl.SSLContext | None = None
     _runner: web.AppRunner | None = None
     _engine: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> FakeOpa:
         self._engine = compile_source(read(self.policies), rego_v0=self.rego_v0)
@@ -54,7 +56,7 @@ class FakeOpa:
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         sock.setblocking(False)
-        site = web.SockSite(self._runner, sock)
+        site = web.SockSite(self._runner, sock, ssl_context=self.tls)
         await site.start()
         self.host, self.port = sock.getsockname()[:2]
         return self
