@@ -305,3 +305,22 @@ async def test_demo_gateway_authorizes_the_demo_client_only(tmp_path):
             assert (await call(client, "GET", url(gw, "/hello"), client_ssl(ca.bundle_pem)))[0] == 403
     finally:
         await upstream.close()
+
+
+async def test_body_over_the_route_cap_while_buffered_for_the_policy_is_413(ca, ca_dir, web_upstream, client_creds,
+                                                                           tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "allow.rego").write_text("package envoy.authz\n\nallow := true\n")
+    config = gateway_config(ca_dir, catalog(web_upstream),
+                            routes=[{"name": "orders", "match": {"path_prefix": "/"}, "service": "web",
+                                     "max_body_bytes": 1000, "authz": {"include_body_bytes": 1000}}],
+                            authz={"policies": str(tmp_path / "p"), "decision_log": {"sink": "off"}})
+
+    async def chunked():  # no content-length, so the cap is found while reading
+        for _ in range(10):
+            yield b"x" * 500
+
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        status, _, _ = await call(client, "POST", url(gw, "/orders"), client_ssl(ca.bundle_pem, client_creds),
+                                  data=chunked())
+    assert status == 413
