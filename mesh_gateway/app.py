@@ -9,22 +9,30 @@ import signal
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 
+from mesh_gateway import __version__
 from mesh_gateway import config as cfg
+from mesh_gateway.authz import build as authz_build
+from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.admin_views import add_telemetry_views
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
-from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
+from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.telemetry.logs import AccessLog
+from mesh_gateway.telemetry.metrics import MeteredAuthorizer, Metrics
+from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.watch import Watch
 
@@ -105,12 +113,34 @@ class Gateway:
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        telemetry = config.telemetry
+        self.metrics = Metrics() if telemetry.metrics.enabled else None
+        try:
+            self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
+            self.tracer = OtelTracer(telemetry.tracing, service_name=telemetry.service_name,
+                                     service_version=__version__, instance_id=uuid.uuid4().hex)
+        except cfg.ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        self.authz: authz_build.BuiltAuthz | None = None
+        if authorizer is None:
+            try:
+                self.authz = authz_build.build(config, lambda: self.gateway_id)
+            except PolicyError as exc:
+                raise StartupError(f"authz: {exc}") from None
+            authorizer = self.authz.authorizer if self.authz else None
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
+        elif self.metrics is not None:
+            authorizer = MeteredAuthorizer(authorizer, self.metrics)
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id)
+                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id, tracer=self.tracer)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        add_telemetry_views(self.admin, config=config, routes=self.routes, metrics=self.metrics)
+        if self.metrics is not None:
+            self._register_gauges(self.metrics)
+        if self.authz is not None:
+            self.admin.add_json_view("/policies", self.authz.view)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -123,6 +153,29 @@ class Gateway:
         if self.credentials.get().not_after <= time.time():
             return "gateway certificate has expired"
         return None
+
+    def _register_gauges(self, metrics: Metrics) -> None:
+        metrics.span_source(self.tracer.stats)
+        metrics.cert_expiry_source("gateway", lambda: self.credentials.get().not_after)
+        metrics.cert_expiry_source("intermediate", lambda: self.ca.max_not_after.timestamp())
+        metrics.cert_expiry_source("root", lambda: min(r.not_valid_after_utc.timestamp() for r in self.ca.roots))
+        metrics.discovery_updated(self.catalog.get().services)
+
+    async def _track_discovery(self, metrics: Metrics) -> None:
+        """Every catalog snapshot published counts as an update of the services it holds."""
+        version = self.catalog.version
+        while True:
+            if await self.catalog.changed(version, timeout_s=60.0):
+                version = self.catalog.version
+                services = self.catalog.get().services
+                metrics.discovery_updated(services)
+
+    def _completed(self, exchange: Exchange) -> None:
+        duration_s = time.perf_counter() - exchange.started
+        if self.metrics is not None:
+            self.metrics.request_done(exchange, duration_s)
+        if self.access_log is not None:
+            self.access_log.record(exchange, duration_s)
 
     def _server_tls(self, tls: cfg.ListenerTls) -> ServerTls:
         static_chain = None
@@ -144,7 +197,7 @@ class Gateway:
         """Bind every listener and the admin port; the gateway is serving when this returns."""
         for listener in self.config.listeners:
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
-                            tls=listener.tls is not None)
+                            tls=listener.tls is not None, on_complete=[self._completed])
             server_tls = self._server_tls(listener.tls) if listener.tls else None
             runner, address = await serve_edge(edge, listener.address, server_tls.front if server_tls else None,
                                                shutdown_timeout_s=self.config.drain_timeout_s)
@@ -153,6 +206,13 @@ class Gateway:
             self.addresses[listener.name] = address
         admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
         self._runners.append(admin_runner)
+        if self.access_log is not None:
+            self.supervisor.start("access-log", self.access_log.run)
+        if self.metrics is not None:
+            metrics = self.metrics
+            self.supervisor.start("discovery-age", lambda: self._track_discovery(metrics))
+        if self.authz is not None and self.authz.embedded is not None:
+            self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -168,6 +228,12 @@ class Gateway:
         self._runners.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        # Export runs on its own thread; the flush at shutdown is bounded by tracing.shutdown_timeout_s.
+        await asyncio.to_thread(self.tracer.shutdown)
+        if self.authz is not None:
+            await self.authz.authorizer.close()
 
 
 async def run_until_signalled(gateway: Service, *, on_started: Callable[[], None] | None = None) -> int:

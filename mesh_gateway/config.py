@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -163,6 +164,52 @@ class RouteMatch(Model):
         return self
 
 
+_QUERY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def normalise_query(value: Any) -> str:
+    """`envoy.authz.allow`, `envoy/authz/allow` and `data.envoy.authz.allow` all name the same rule."""
+    text = str(value).strip().replace("/", ".")
+    text = text if text.startswith("data.") else f"data.{text}"
+    if not _QUERY.match(text):
+        raise ValueError("expected a rule path such as data.envoy.authz.allow")
+    return text
+
+
+RegoQuery = Annotated[str, BeforeValidator(normalise_query)]
+
+
+class RouteAuthzCache(Model):
+    ttl_s: float = Field(default=5.0, gt=0, le=3600)
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    headers: tuple[str, ...] = ()
+    """Request headers whose values join the cache key (lower-cased)."""
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+def _route_authz_shorthand(value: Any) -> Any:
+    return {"disabled": True} if value == "disabled" else value
+
+
+class RouteAuthz(Model):
+    disabled: bool = False
+    failure_mode_allow: bool = False
+    dry_run: bool = False
+    query: RegoQuery | None = None
+    include_body_bytes: int = Field(default=0, ge=0, le=1024 * 1024)
+    cache: RouteAuthzCache | None = None
+
+    @model_validator(mode="after")
+    def _body_not_cached(self) -> RouteAuthz:
+        if self.cache is not None and self.include_body_bytes:
+            raise ValueError("cache cannot be combined with include_body_bytes (the body is not in the cache key)")
+        return self
+
+
 class Route(Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: RouteMatch = RouteMatch()
@@ -172,6 +219,7 @@ class Route(Model):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     max_body_bytes: int | None = Field(default=None, ge=0)
     retries: int = Field(default=1, ge=0, le=5)
+    authz: Annotated[RouteAuthz, BeforeValidator(_route_authz_shorthand)] = RouteAuthz()
 
 
 class Limits(Model):
@@ -193,6 +241,114 @@ class Admin(Model):
     address: HostPort = "127.0.0.1:9901"
 
 
+Propagator = Literal["w3c", "b3", "b3multi"]
+_DEFAULT_OTLP_ENDPOINT = {"otlp_grpc": "http://127.0.0.1:4317", "otlp_http": "http://127.0.0.1:4318/v1/traces"}
+
+
+class Tracing(Model):
+    exporter: Literal["otlp_grpc", "otlp_http", "none"] = "none"
+    """Off unless asked for (no collector to fail against); `none` still propagates trace context upstream."""
+    endpoint: str | None = None
+    """Omitted → http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318/v1/traces (HTTP). https:// → TLS."""
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    """Sent with every export (e.g. an API key); hidden from repr and /config."""
+    ca_file: Path | None = None
+    """PEM roots for an https:// collector; omitted → the system roots."""
+    sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a sampled or unsampled parent is always followed."""
+    propagators: tuple[Propagator, ...] = ("w3c",)
+    """Formats injected upstream; extraction always accepts W3C, baggage, B3 single and multi."""
+    max_queue_size: int = Field(default=2048, ge=1)
+    max_export_batch_size: int = Field(default=512, ge=1)
+    export_delay_s: float = Field(default=1.0, gt=0, le=60)
+    export_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    shutdown_timeout_s: float = Field(default=5.0, ge=0, le=60)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("propagators")
+    @classmethod
+    def _some_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("give at least one of w3c, b3, b3multi")
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate propagator")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Tracing:
+        if self.max_export_batch_size > self.max_queue_size:
+            raise _KeyError(("telemetry", "tracing", "max_export_batch_size"), "must not exceed max_queue_size")
+        if self.ca_file is not None and not self.effective_endpoint.startswith("https://"):
+            raise _KeyError(("telemetry", "tracing", "ca_file"), "only used with an https:// endpoint")
+        return self
+
+    @property
+    def effective_endpoint(self) -> str:
+        return self.endpoint or _DEFAULT_OTLP_ENDPOINT.get(self.exporter, "")
+
+
+class AccessLog(Model):
+    enabled: bool = True
+    path: str = "-"
+    """`-` → stdout; otherwise a file opened for append."""
+    include_query: bool = False
+    """Query strings often carry tokens, so they are left out unless asked for."""
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    buffer_bytes: int = Field(default=65536, ge=0, le=16 * 1024 * 1024)
+
+
+class Metrics(Model):
+    enabled: bool = True
+
+
+class Telemetry(Model):
+    service_name: str = Field(default="mesh-gateway", min_length=1)
+    tracing: Tracing = Tracing()
+    access_log: AccessLog = AccessLog()
+    metrics: Metrics = Metrics()
+
+
+class OpaServer(Model):
+    url: str = Field(pattern=r"^https?://[^/]+(/.*)?$")
+    timeout_ms: int = Field(default=200, ge=1, le=60_000)
+    ca_file: Path | None = None
+    pool_size: int = Field(default=64, ge=1, le=4096)
+
+
+class DecisionLogConfig(Model):
+    sink: str = "stderr"
+    """`stderr`, `off`, or a file path (appended to)."""
+    redact_headers: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization", "set-cookie")
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+class Authz(Model):
+    engine: Literal["embedded", "opa", "none"] = "embedded"
+    policies: Path = Path("policies")
+    query: RegoQuery = "data.envoy.authz.allow"
+    rego_version: Literal["v1", "v0"] = "v1"
+    reload_poll_s: float = Field(default=0.25, gt=0, le=1.0)
+    opa: OpaServer | None = None
+    dry_run: bool = False
+    decision_log: DecisionLogConfig = DecisionLogConfig()
+
+    @model_validator(mode="after")
+    def _opa_needs_server(self) -> Authz:
+        if self.engine == "opa" and self.opa is None:
+            raise _KeyError(("authz", "opa"), "required when engine is 'opa'")
+        return self
+
+
 class GatewayConfig(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
     listeners: tuple[Listener, ...] = Field(min_length=1)
@@ -203,6 +359,9 @@ class GatewayConfig(Model):
     limits: Limits = Limits()
     upstream: Upstream = Upstream()
     drain_timeout_s: float = Field(default=15.0, ge=0)
+    telemetry: Telemetry = Telemetry()
+    authz: Authz | None = None
+    """Absent → no authorization at all (logged loudly at start-up)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
@@ -300,4 +459,36 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
         for lst in config.listeners
     )
     identity = config.identity.model_copy(update={"ca_dir": fix(config.identity.ca_dir)})
-    return config.model_copy(update={"listeners": listeners, "identity": identity})
+    update: dict[str, Any] = {"listeners": listeners, "identity": identity,
+                              "telemetry": resolve_telemetry_paths(config.telemetry, base)}
+    if config.authz is not None:
+        update["authz"] = resolve_authz_paths(config.authz, base)
+    return config.model_copy(update=update)
+
+
+def resolve_telemetry_paths(telemetry: Telemetry, base: Path) -> Telemetry:
+    log = telemetry.access_log
+    ca_file = telemetry.tracing.ca_file
+    return telemetry.model_copy(update={
+        "tracing": telemetry.tracing.model_copy(update={"ca_file": _under(base, ca_file)}),
+        "access_log": log if log.path == "-" else log.model_copy(update={"path": str(_under(base, Path(log.path)))}),
+    })
+
+
+_AuthzSection = TypeVar("_AuthzSection", bound=Authz)
+
+
+def resolve_authz_paths(authz: _AuthzSection, base: Path) -> _AuthzSection:
+    opa = authz.opa
+    if opa is not None:
+        opa = opa.model_copy(update={"ca_file": _under(base, opa.ca_file)})
+    sink = authz.decision_log.sink
+    if sink not in ("stderr", "off") and not Path(sink).is_absolute():
+        sink = str(base / sink)
+    return authz.model_copy(update={
+        "policies": _under(base, authz.policies), "opa": opa,
+        "decision_log": authz.decision_log.model_copy(update={"sink": sink})})
+
+
+def _under(base: Path, path: Path | None) -> Path | None:
+    return path if path is None or path.is_absolute() else base / path

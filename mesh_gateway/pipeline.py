@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,6 +14,7 @@ from mesh_gateway.errors import Forbidden, GatewayError
 from mesh_gateway.model import (
     ALLOW_UNCHECKED,
     Body,
+    BodyPrefix,
     Catalog,
     Decision,
     Endpoint,
@@ -105,8 +106,11 @@ class UpstreamRequest:
 
 
 class Authorizer(Protocol):
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
-        """Return the decision; raise a GatewayError (e.g. AuthzUnavailable) when no decision could be made."""
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
+        """Return the decision; raise a GatewayError (e.g. AuthzUnavailable) when no decision could be made.
+
+        `body` is given only for routes with `authz_include_body_bytes` set."""
         ...
 
 
@@ -130,8 +134,37 @@ class RoundRobinPicker:
 class AllowAll:
     """Used only when no authorizer is configured; app.py logs that authorization is off."""
 
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
         return ALLOW_UNCHECKED
+
+
+async def buffer_prefix(body: Body | None, limit: int) -> tuple[BodyPrefix, Body | None]:
+    """Read up to `limit` bytes of the body for the policy; the returned stream replays them, then the rest."""
+    if body is None:
+        return BodyPrefix(b"", truncated=False), None
+    iterator = body.__aiter__()
+    chunks: list[bytes] = []
+    size = 0
+    ended = False
+    while size <= limit:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            ended = True
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
+
+    async def replay() -> AsyncIterator[bytes]:
+        if data:
+            yield data
+        if not ended:
+            async for rest in iterator:
+                yield rest
+
+    return BodyPrefix(data[:limit], truncated=not ended), replay()
 
 
 def error_response(error: GatewayError, request_id: str) -> Response:
@@ -167,7 +200,11 @@ class Pipeline:
             route = exchange.route = self._routes.get().match(info)
             exchange.span.rename(f"{info.method} {route.name}")
             exchange.span.set("http.route", route.name)
-            decision = exchange.decision = await self._authorize(info, route, exchange)
+            if route.policy.authz_enabled and route.policy.authz_include_body_bytes:
+                prefix, body = await buffer_prefix(body, route.policy.authz_include_body_bytes)
+            else:
+                prefix = None
+            decision = exchange.decision = await self._authorize(info, route, exchange, prefix)
             if not decision.allowed:
                 return denied_response(decision, info.request_id)
             endpoint = exchange.endpoint = self._picker.pick(route, self._catalog.get(), exchange)
@@ -188,12 +225,14 @@ class Pipeline:
             exchange.span.fail(error)
             return error_response(error, info.request_id)
 
-    async def _authorize(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def _authorize(self, info: RequestInfo, route: Route, exchange: Exchange,
+                         prefix: BodyPrefix | None) -> Decision:
         if not route.policy.authz_enabled:
             return ALLOW_UNCHECKED
         span = self.tracer.child(exchange.span, "authz")
         try:
-            decision = await self._authorizer.check(info, route, exchange)
+            decision = await (self._authorizer.check(info, route, exchange, prefix) if prefix is not None
+                              else self._authorizer.check(info, route, exchange))
             span.set("mesh.authz.allowed", decision.allowed)
             span.set("mesh.authz.decision_id", decision.decision_id)
             span.set("mesh.authz.policy_revision", decision.policy_revision)

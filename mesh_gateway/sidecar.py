@@ -9,9 +9,11 @@ import asyncio
 import logging
 import ssl
 import time
+import uuid
 
 from aiohttp import web
 
+from mesh_gateway import __version__
 from mesh_gateway.app import (
     StartupError,
     configure_logging,
@@ -20,13 +22,17 @@ from mesh_gateway.app import (
     serve_admin,
     serve_edge,
 )
+from mesh_gateway.authz import build as authz_build
+from mesh_gateway.authz.policyset import PolicyError
+from mesh_gateway.config import ConfigError
 from mesh_gateway.discovery.static import catalog_from_config
 from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.admin_views import redact, route_view
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
-from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
+from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.sidecar_config import SidecarConfig
 from mesh_gateway.sidecar_routing import (
@@ -37,6 +43,9 @@ from mesh_gateway.sidecar_routing import (
     service_addressing,
 )
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.telemetry.logs import AccessLog
+from mesh_gateway.telemetry.metrics import CONTENT_TYPE, MeteredAuthorizer, Metrics
+from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.watch import Watch
 
@@ -58,26 +67,47 @@ def local_credentials(config: SidecarConfig) -> Credentials:
 class Sidecar:
     def __init__(self, config: SidecarConfig, *, policy: Authorizer | None = None,
                  credentials: Credentials | None = None) -> None:
+        """`policy`: an inbound authorizer instead of the one built from `authz:`."""
         self.config = config
         self.spiffe_id = SpiffeId.parse(config.identity.spiffe_id)
         self.credentials: Watch[Credentials] = Watch(credentials or local_credentials(config))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        telemetry = config.telemetry
+        self.metrics = Metrics() if telemetry.metrics.enabled else None
+        try:
+            self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
+            self.tracer = OtelTracer(telemetry.tracing, service_name=config.service_name,
+                                     service_version=__version__, instance_id=uuid.uuid4().hex)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        self.authz: authz_build.BuiltAuthz | None = None
+        if policy is None and config.authz is not None and config.authz.engine != "none":
+            try:
+                self.authz = authz_build.build_from_section(config.authz, lambda: self.spiffe_id,
+                                                            queries=(config.authz.query,))
+            except PolicyError as exc:
+                raise StartupError(f"authz: {exc}") from None
+            policy = self.authz.authorizer
+        if policy is not None and self.metrics is not None:
+            policy = MeteredAuthorizer(policy, self.metrics)
         if policy is None:
             who = ("only inbound.allowed_peers" if config.inbound.allowed_peers
                    else f"any caller of trust domain {config.trust_domain}")
             log.warning("no inbound policy: %s may call %s", who, config.service.name)
         allowed = tuple(SpiffeId.parse(p) for p in config.inbound.allowed_peers)
+        self.inbound_routes: Watch[CompiledRoutes] = Watch(compile_routes(inbound_table(config)))
         self.inbound = Pipeline(
-            routes=Watch(compile_routes(inbound_table(config))), catalog=Watch(local_catalog(config)),
+            routes=self.inbound_routes, catalog=Watch(local_catalog(config)),
             authorizer=PeerCheck(config.trust_domain, allowed, policy), forwarder=self.forwarder,
-            gateway_id=lambda: self.spiffe_id)
+            gateway_id=lambda: self.spiffe_id, tracer=self.tracer)
         self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
         self.outbound_routes: Watch[CompiledRoutes] = Watch(self._outbound_routes(self.catalog.get()))
         self.outbound = Pipeline(routes=self.outbound_routes, catalog=self.catalog, authorizer=AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.spiffe_id)
+                                 forwarder=self.forwarder, gateway_id=lambda: self.spiffe_id, tracer=self.tracer)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        self._admin_views()
         self.supervisor = Supervisor()
         self.addresses: dict[str, tuple[str, int]] = {}
         self._runners: list[web.BaseRunner] = []
@@ -86,6 +116,31 @@ class Sidecar:
     @property
     def drain_timeout_s(self) -> float:
         return self.config.drain_timeout_s
+
+    def _admin_views(self) -> None:
+        admin = self.admin
+        admin.add_json_view("/config", lambda: redact(self.config.model_dump(mode="json")))
+        admin.add_json_view("/routes", lambda: {
+            "inbound": [route_view(r) for r in self.inbound_routes.get().table.routes],
+            "outbound": [route_view(r) for r in self.outbound_routes.get().table.routes]})
+        if self.authz is not None:
+            admin.add_json_view("/policies", self.authz.view)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.span_source(self.tracer.stats)
+            metrics.cert_expiry_source("sidecar", lambda: self.credentials.get().not_after)
+
+            async def scrape(_: web.Request) -> web.Response:
+                return web.Response(body=metrics.exposition(), headers={"content-type": CONTENT_TYPE})
+
+            admin.add_handler("/metrics", scrape)
+
+    def _completed(self, exchange: Exchange) -> None:
+        duration_s = time.perf_counter() - exchange.started
+        if self.metrics is not None:
+            self.metrics.request_done(exchange, duration_s)
+        if self.access_log is not None:
+            self.access_log.record(exchange, duration_s)
 
     def _outbound_routes(self, catalog: Catalog) -> CompiledRoutes:
         outbound = self.config.outbound
@@ -111,11 +166,12 @@ class Sidecar:
         try:
             inbound_tls = ServerTls(client_auth="required", min_version=config.inbound.min_version,
                                     credentials=self.credentials)
-            inbound = HttpEdge(name="inbound", pipeline=self.inbound, limits=config.limits, tls=True)
+            inbound = HttpEdge(name="inbound", pipeline=self.inbound, limits=config.limits, tls=True,
+                               on_complete=[self._completed])
             await self._serve(inbound, config.inbound.address, inbound_tls.front)
             if config.outbound.enabled:
                 outbound = HttpEdge(name="outbound", pipeline=self.outbound, limits=config.limits, tls=False,
-                                    rewrite=service_addressing)
+                                    rewrite=service_addressing, on_complete=[self._completed])
                 await self._serve(outbound, config.outbound.address, None)
             runner, self.addresses["admin"] = await serve_admin(self.admin, config.admin.address)
             self._runners.append(runner)
@@ -123,6 +179,10 @@ class Sidecar:
             await self.stop()
             raise
         self.supervisor.start("outbound-routes", self._follow_catalog)
+        if self.access_log is not None:
+            self.supervisor.start("access-log", self.access_log.run)
+        if self.authz is not None and self.authz.embedded is not None:
+            self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
         log.info("sidecar %s for %s (app at %s:%d) serving: %s", self.spiffe_id, config.service.name,
                  config.service.address, config.service.port,
@@ -139,6 +199,11 @@ class Sidecar:
         self._runners.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        await asyncio.to_thread(self.tracer.shutdown)
+        if self.authz is not None:
+            await self.authz.authorizer.close()
 
 
 def serve(config: SidecarConfig) -> int:

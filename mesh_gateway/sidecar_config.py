@@ -54,9 +54,7 @@ class Inbound(cfg.Model):
     min_version: Literal["1.2", "1.3"] = "1.2"
     allowed_peers: tuple[cfg.SpiffeIdText, ...] = ()
     """If given, only these SPIFFE IDs may call in (checked before the policy); empty → any peer of the trust
-    domain, and the policy decides."""
-    authz_query: str = Field(default="data.mesh.inbound.allow", pattern=r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-    """Rego query the inbound policy is evaluated with (when the authz feature is configured)."""
+    domain, and the policy (`authz:`) decides."""
 
 
 class Outbound(cfg.Model):
@@ -94,6 +92,18 @@ class SidecarIdentity(cfg.Model):
         return value
 
 
+class SidecarAuthz(cfg.Authz):
+    """The gateway's `authz:` section; only the default query differs, because the sidecar's policy is about who
+    may call this service, not about edge traffic."""
+
+    query: cfg.RegoQuery = "data.mesh.inbound.allow"
+
+
+class SidecarTelemetry(cfg.Telemetry):
+    service_name: str = ""
+    """Omitted → `<service.name>-sidecar`, so each sidecar is its own service in Jaeger."""
+
+
 class SidecarConfig(cfg.Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
     service: LocalService
@@ -106,6 +116,13 @@ class SidecarConfig(cfg.Model):
     limits: cfg.Limits = cfg.Limits()
     upstream: cfg.Upstream = cfg.Upstream()
     drain_timeout_s: float = Field(default=15.0, ge=0)
+    telemetry: SidecarTelemetry = SidecarTelemetry()
+    authz: SidecarAuthz | None = None
+    """Absent → the inbound decision is the peer check alone (`inbound.allowed_peers`), logged at start-up."""
+
+    @property
+    def service_name(self) -> str:
+        return self.telemetry.service_name or f"{self.service.name}-sidecar"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SidecarConfig:
@@ -149,10 +166,14 @@ def read_yaml(path: Path) -> Any:
 
 
 def load(path: Path) -> SidecarConfig:
+    """Relative paths are relative to the config file, as for gateway.yaml."""
     config = parse(read_yaml(path))
+    base = path.parent
     ca_dir = config.identity.ca_dir
-    if not ca_dir.is_absolute():
-        # Relative to the config file, as for gateway.yaml.
-        config = config.model_copy(update={"identity": config.identity.model_copy(
-            update={"ca_dir": path.parent / ca_dir})})
-    return config
+    update: dict[str, Any] = {
+        "identity": config.identity.model_copy(update={"ca_dir": ca_dir if ca_dir.is_absolute() else base / ca_dir}),
+        "telemetry": cfg.resolve_telemetry_paths(config.telemetry, base),
+    }
+    if config.authz is not None:
+        update["authz"] = cfg.resolve_authz_paths(config.authz, base)
+    return config.model_copy(update=update)

@@ -12,6 +12,7 @@ import logging
 
 from mesh_gateway.errors import NotFound
 from mesh_gateway.model import (
+    BodyPrefix,
     Catalog,
     Decision,
     Endpoint,
@@ -46,7 +47,6 @@ def inbound_table(config: SidecarConfig) -> RouteTable:
         max_body_bytes=config.limits.max_body_bytes,
         retries=0,
         authz_enabled=True,
-        authz_query=config.inbound.authz_query,
     )
     return RouteTable((Route(name=INBOUND_ROUTE, match=RouteMatch(), service=LOCAL, policy=policy,
                              source="sidecar"),))
@@ -83,7 +83,8 @@ class PeerCheck:
         self._allowed = frozenset(allowed)
         self._policy = policy
 
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
         peer = info.peer_spiffe_id
         if peer is None or not peer.member_of(self._trust_domain):
             log.info("inbound request %s refused: caller %s is not of trust domain %s", info.request_id, peer,
@@ -94,4 +95,6 @@ class PeerCheck:
             return Decision(allowed=False, http_status=403, engine="sidecar-peer-check")
         if self._policy is None:
             return Decision(allowed=True, engine="sidecar-peer-check")
-        return await self._policy.check(info, route, exchange)
+        if body is None:
+            return await self._policy.check(info, route, exchange)
+        return await self._policy.check(info, route, exchange, body)

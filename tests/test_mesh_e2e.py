@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
+from tests.fakes.otlp import OtlpReceiver
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running, url
 
 ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "mesh_gateway" / "demo" / "policies"
 ORDERS_ID = "spiffe://mesh.local/ns/default/sa/orders"
 INVENTORY_ID = "spiffe://mesh.local/ns/default/sa/inventory"
 START_TIMEOUT_S = 30.0
@@ -81,17 +85,24 @@ def write_sidecar_config(directory: Path, name: str, data: dict[str, Any]) -> Pa
     return path
 
 
-def sidecar_data(ca_dir: Path, service: str, spiffe_id: str, app_port: int, callers: list[str],
+def tracing(otlp: str) -> dict[str, Any]:
+    return {"exporter": "otlp_grpc", "endpoint": otlp, "export_delay_s": 0.1}
+
+
+def sidecar_data(ca_dir: Path, service: str, spiffe_id: str, app_port: int, otlp: str,
                  catalog: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo's inbound policy (mesh_inbound.rego) decides who may call: gateway → orders → inventory."""
     return {
         "trust_domain": "mesh.local",
         "service": {"name": service, "port": app_port},
         "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir)},
-        "inbound": {"address": "127.0.0.1:0", "allowed_peers": callers},
+        "inbound": {"address": "127.0.0.1:0"},
         "outbound": {"address": "127.0.0.1:0", "enabled": catalog is not None},
         "catalog": {"static": catalog or {}},
         "admin": {"address": "127.0.0.1:0"},
         "drain_timeout_s": 2,
+        "authz": {"policies": str(POLICIES)},
+        "telemetry": {"tracing": tracing(otlp), "access_log": {"enabled": False}},
     }
 
 
@@ -99,14 +110,14 @@ SERVING = r"serving: inbound=127\.0\.0\.1:(\d+)(?:, outbound=127\.0\.0\.1:(\d+))
 
 
 @contextlib.asynccontextmanager
-async def mesh(ca_dir: Path, workdir: Path) -> AsyncIterator[dict[str, Any]]:
+async def mesh(ca_dir: Path, workdir: Path, otlp: str) -> AsyncIterator[dict[str, Any]]:
     procs: list[Process] = []
     try:
         inventory = await spawn("inventory", "demo-app", "inventory", "--listen", "127.0.0.1:0")
         procs.append(inventory)
         inventory_port = int((await inventory.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
         inv_sidecar = await spawn("inventory-sidecar", "sidecar", "-c", str(write_sidecar_config(
-            workdir, "inventory", sidecar_data(ca_dir, "inventory", INVENTORY_ID, inventory_port, [ORDERS_ID]))))
+            workdir, "inventory", sidecar_data(ca_dir, "inventory", INVENTORY_ID, inventory_port, otlp))))
         procs.append(inv_sidecar)
         inv_inbound = int((await inv_sidecar.wait_for(SERVING)).group(1))
         catalog = {"inventory": [{"address": "127.0.0.1", "port": inv_inbound, "spiffe_id": INVENTORY_ID}]}
@@ -119,7 +130,7 @@ async def mesh(ca_dir: Path, workdir: Path) -> AsyncIterator[dict[str, Any]]:
             app_sock.listen(64)
             sidecar = await spawn(f"orders-sidecar-{index}", "sidecar", "-c", str(write_sidecar_config(
                 workdir, f"orders-{index}",
-                sidecar_data(ca_dir, "orders", ORDERS_ID, app_sock.getsockname()[1], [GATEWAY_ID], catalog))))
+                sidecar_data(ca_dir, "orders", ORDERS_ID, app_sock.getsockname()[1], otlp, catalog))))
             procs.append(sidecar)
             found = await sidecar.wait_for(SERVING)
             orders_inbound.append(int(found.group(1)))
@@ -135,35 +146,76 @@ async def mesh(ca_dir: Path, workdir: Path) -> AsyncIterator[dict[str, Any]]:
             await proc.stop()
 
 
-async def test_full_mesh_allows_the_right_callers_and_denies_the_others(ca, ca_dir, tmp_path):
-    async with mesh(ca_dir, tmp_path) as m:
-        catalog = {
-            "orders": [{"address": "127.0.0.1", "port": p, "spiffe_id": ORDERS_ID} for p in m["orders_inbound"]],
-            "inventory": [{"address": "127.0.0.1", "port": m["inventory_inbound"], "spiffe_id": INVENTORY_ID}],
-        }
-        routes = [{"name": "orders", "match": {"path_prefix": "/orders/"}, "service": "orders"},
-                  {"name": "inventory", "match": {"path_prefix": "/items"}, "service": "inventory"}]
-        config = gateway_config(ca_dir, catalog, routes=routes)
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def gateway_for(ca_dir: Path, m: dict[str, Any], otlp: OtlpReceiver) -> Any:
+    catalog = {
+        "orders": [{"address": "127.0.0.1", "port": p, "spiffe_id": ORDERS_ID} for p in m["orders_inbound"]],
+        "inventory": [{"address": "127.0.0.1", "port": m["inventory_inbound"], "spiffe_id": INVENTORY_ID}],
+    }
+    routes = [{"name": "orders", "match": {"path_prefix": "/orders/"}, "service": "orders"},
+              {"name": "inventory", "match": {"path_prefix": "/items"}, "service": "inventory"}]
+    return gateway_config(ca_dir, catalog, routes=routes,
+                          telemetry={"tracing": tracing(otlp.endpoint), "access_log": {"enabled": False}})
+
+
+async def test_full_mesh_allows_the_right_callers_denies_the_others_in_one_trace(ca, ca_dir, tmp_path, otlp):
+    async with mesh(ca_dir, tmp_path, otlp.endpoint) as m:
         client_tls = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
-        async with running(config) as gw, aiohttp.ClientSession() as client:
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        async with running(gateway_for(ca_dir, m, otlp)) as gw, aiohttp.ClientSession() as client:
             # Allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory.
-            async with client.get(url(gw, "/orders/apple"), ssl=client_tls) as resp:
+            async with client.get(url(gw, "/orders/apple"), ssl=client_tls,
+                                  headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}) as resp:
                 assert resp.status == 200, await resp.text()
                 body = await resp.json()
             assert body["caller"] == GATEWAY_ID
-            assert body["inventory"] == {"sku": "apple", "in_stock": 12, "caller": ORDERS_ID,
-                                         "traceparent": None}
-            # Denied at inventory's sidecar: the gateway's identity may not call inventory.
+            assert body["inventory"]["caller"] == ORDERS_ID
+            assert body["inventory"]["in_stock"] == 12
+            assert body["inventory"]["traceparent"].split("-")[1] == trace_id
+            # Denied by inventory's sidecar policy: the gateway's identity may not call inventory.
             async with client.get(url(gw, "/items"), ssl=client_tls) as resp:
                 assert resp.status == 403
                 assert (await resp.json())["error"] == "forbidden"
-            assert any("not on inbound.allowed_peers" in line
-                       for line in m["procs"]["inventory-sidecar"].lines)
             # A mesh identity other than the gateway calling orders' sidecar directly is refused as well.
             direct = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
             direct.check_hostname = False
             async with client.get(f"https://127.0.0.1:{m['orders_inbound'][0]}/orders/apple", ssl=direct) as resp:
                 assert resp.status == 403
-        # Every process shuts down cleanly on SIGTERM.
+        # Every process shuts down cleanly on SIGTERM (and flushes its spans on the way out).
         codes = {name: await proc.stop() for name, proc in m["procs"].items()}
         assert set(codes.values()) == {0}, codes
+        decisions = [json.loads(line) for line in m["procs"]["inventory-sidecar"].lines if line.startswith("{")]
+        assert {(d["principal"], d["result"]) for d in decisions} >= {(GATEWAY_ID, "deny"), (ORDERS_ID, "allow")}
+
+    spans = [s for s in otlp.snapshot() if s.trace_id == trace_id]
+    by_service: dict[str, list[Any]] = {}
+    for span in spans:
+        by_service.setdefault(span.resource["service.name"], []).append(span)
+    assert set(by_service) == {"mesh-gateway", "orders-sidecar", "inventory-sidecar"}
+
+    def one(service: str, name: str, kind: str) -> Any:
+        found = [s for s in by_service[service] if s.name == name and s.kind == kind]
+        assert len(found) == 1, (service, name, kind, [(s.name, s.kind) for s in by_service[service]])
+        return found[0]
+
+    # One connected chain of parents across the three processes (and through the orders app).
+    gateway_in = one("mesh-gateway", "GET orders", "server")
+    gateway_out = one("mesh-gateway", "upstream", "client")
+    orders_in = one("orders-sidecar", "GET inbound", "server")
+    orders_to_app = next(s for s in by_service["orders-sidecar"]
+                         if s.name == "upstream" and s.parent_span_id == orders_in.span_id)
+    orders_out = one("orders-sidecar", "GET outbound.inventory", "server")
+    orders_to_inventory = next(s for s in by_service["orders-sidecar"]
+                               if s.name == "upstream" and s.parent_span_id == orders_out.span_id)
+    inventory_in = one("inventory-sidecar", "GET inbound", "server")
+    assert gateway_in.parent_span_id == "00f067aa0ba902b7"
+    assert orders_in.parent_span_id == gateway_out.span_id
+    assert orders_out.parent_span_id == orders_to_app.span_id
+    assert inventory_in.parent_span_id == orders_to_inventory.span_id
+    assert inventory_in.attributes["mesh.peer.spiffe_id"] == ORDERS_ID

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 TRUST_DOMAIN = "mesh.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/demo-client"
 UPSTREAM_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/web"
+DEMO_POLICIES = Path(__file__).resolve().parent.parent / "demo" / "policies"
 log = logging.getLogger("mesh_gateway.demo")
 
 
@@ -39,6 +40,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--admin", default="127.0.0.1:9901")
     parser.add_argument("--mesh-ports", type=int, default=9100, metavar="BASE",
                         help="the demo mesh uses ports BASE+1 … BASE+32 on 127.0.0.1 (0: any free ports)")
+    parser.add_argument("--otlp", metavar="URL", default=None,
+                        help="export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 (Jaeger); default: off")
     parser.set_defaults(handler=handle)
 
 
@@ -62,8 +65,9 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, mesh: DemoMesh) -> cfg.GatewayConfig:
-    from mesh_gateway.demo.mesh import gateway_catalog, gateway_routes
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, mesh: DemoMesh,
+                otlp: str | None = None) -> cfg.GatewayConfig:
+    from mesh_gateway.demo.mesh import gateway_catalog, gateway_routes, tracing_settings
 
     return cfg.parse({
         "trust_domain": TRUST_DOMAIN,
@@ -75,11 +79,13 @@ def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, me
         "routes": [*gateway_routes(),
                    {"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
+        "telemetry": {"service_name": "mesh-gateway", "tracing": tracing_settings(otlp)},
+        "authz": {"policies": str(DEMO_POLICIES)},
     })
 
 
 @contextlib.asynccontextmanager
-async def demo_mesh(directory: Path, *, upstream_port: int, mesh_base_port: int
+async def demo_mesh(directory: Path, *, upstream_port: int, mesh_base_port: int, otlp: str | None = None
                     ) -> AsyncIterator[tuple[RunningUpstream, DemoMesh]]:
     """What the demo gateway fronts, serving when entered: the web upstream and the orders/inventory mesh."""
     from mesh_gateway.demo.mesh import MeshPorts, start_mesh
@@ -89,7 +95,7 @@ async def demo_mesh(directory: Path, *, upstream_port: int, mesh_base_port: int
     upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,
                                                                 ["localhost"]), port=upstream_port)
     try:
-        mesh = await start_mesh(directory, MeshPorts(mesh_base_port))
+        mesh = await start_mesh(directory, MeshPorts(mesh_base_port), otlp)
         try:
             yield upstream, mesh
         finally:
@@ -130,9 +136,9 @@ def handle(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            async with demo_mesh(directory, upstream_port=args.upstream_port,
-                                 mesh_base_port=args.mesh_ports) as (upstream, mesh):
-                gateway = Gateway(demo_config(directory, args.listen, upstream.port, args.admin, mesh))
+            async with demo_mesh(directory, upstream_port=args.upstream_port, mesh_base_port=args.mesh_ports,
+                                 otlp=args.otlp) as (upstream, mesh):
+                gateway = Gateway(demo_config(directory, args.listen, upstream.port, args.admin, mesh, args.otlp))
                 return await run_until_signalled(gateway, on_started=lambda: print(
                     instructions(gateway, mesh, directory, cert_path, key_path), flush=True))
         except (StartupError, CAError, OSError) as exc:

@@ -1,6 +1,6 @@
 """The demo mesh behind the gateway: orders and inventory, each a plain-HTTP app on loopback behind its own sidecar,
-all in the demo's process. orders calls inventory through its sidecar; only the gateway may call orders and only
-orders may call inventory.
+all in the demo's process. orders calls inventory through its sidecar; the sidecars' Rego policy
+(demo/policies/mesh_inbound.rego) lets only the gateway call orders and only orders call inventory.
 
 Ports, from `base` (default 9100): apps base+1 (orders) and base+2 (inventory); sidecar inbound base+11 / base+12;
 orders' outbound base+21; sidecar admin base+31 / base+32.
@@ -23,6 +23,12 @@ GATEWAY_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway"
 ORDERS_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/orders"
 INVENTORY_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/inventory"
 HOST = "127.0.0.1"
+POLICIES = Path(__file__).resolve().parent / "policies"
+
+
+def tracing_settings(otlp: str | None) -> dict[str, Any]:
+    """Every process of the demo exports to the same collector when one is given, so a request is one trace."""
+    return {"exporter": "otlp_grpc", "endpoint": otlp, "sampling_ratio": 1.0} if otlp else {"exporter": "none"}
 
 
 @dataclass(frozen=True)
@@ -64,17 +70,20 @@ class MeshPorts:
 
 
 def sidecar_config(ca_dir: Path, name: str, spiffe_id: str, *, app: int, inbound: int, admin: int,
-                   callers: list[str], outbound: dict[str, Any], catalog: dict[str, Any]
+                   outbound: dict[str, Any], catalog: dict[str, Any], otlp: str | None
                    ) -> sidecar_config_module.SidecarConfig:
     return sidecar_config_module.parse({
         "trust_domain": TRUST_DOMAIN,
         "service": {"name": name, "address": HOST, "port": app},
         "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir), "ttl": "24h"},
-        "inbound": {"address": f"{HOST}:{inbound}", "allowed_peers": callers},
+        "inbound": {"address": f"{HOST}:{inbound}"},
         "outbound": outbound,
         "catalog": {"static": catalog},
         "admin": {"address": f"{HOST}:{admin}"},
         "drain_timeout_s": 2,
+        "authz": {"policies": str(POLICIES)},
+        # One access log is enough for the demo's terminal: the gateway's.
+        "telemetry": {"tracing": tracing_settings(otlp), "access_log": {"enabled": False}},
     })
 
 
@@ -137,7 +146,7 @@ class DemoMesh:
             await app.close()
 
 
-async def start_mesh(ca_dir: Path, ports: MeshPorts) -> DemoMesh:
+async def start_mesh(ca_dir: Path, ports: MeshPorts, otlp: str | None = None) -> DemoMesh:
     """Each app's socket is bound first (its sidecar needs the port), then the sidecars, then orders' app (it needs
     its sidecar's outbound port). On any failure what was started is stopped again."""
     mesh = DemoMesh()
@@ -151,12 +160,12 @@ async def start_mesh(ca_dir: Path, ports: MeshPorts) -> DemoMesh:
         mesh.apps.append(await start_app(inventory_app(), inventory_sock))
         inventory = await mesh._add_sidecar(sidecar_config(
             ca_dir, "inventory", INVENTORY_ID, app=inventory_sock.getsockname()[1], inbound=ports.inventory_inbound,
-            admin=ports.inventory_admin, callers=[ORDERS_ID], outbound={"enabled": False}, catalog={}))
+            admin=ports.inventory_admin, outbound={"enabled": False}, catalog={}, otlp=otlp))
         orders = await mesh._add_sidecar(sidecar_config(
             ca_dir, "orders", ORDERS_ID, app=orders_sock.getsockname()[1], inbound=ports.orders_inbound,
-            admin=ports.orders_admin, callers=[GATEWAY_ID], outbound={"address": f"{HOST}:{ports.orders_outbound}"},
+            admin=ports.orders_admin, outbound={"address": f"{HOST}:{ports.orders_outbound}"},
             catalog={"inventory": [{"address": HOST, "port": inventory.addresses["inbound"][1],
-                                    "spiffe_id": INVENTORY_ID}]}))
+                                    "spiffe_id": INVENTORY_ID}]}, otlp=otlp))
         outbound_port = orders.addresses["outbound"][1]
         mesh.apps.append(await start_app(orders_app(f"http://{HOST}:{outbound_port}/inventory"), orders_sock))
     except BaseException:

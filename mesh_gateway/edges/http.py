@@ -16,6 +16,7 @@ from aiohttp.web_exceptions import HTTPException
 
 from mesh_gateway.config import Limits
 from mesh_gateway.errors import (
+    BadRequest,
     GatewayError,
     HeadersTooLarge,
     PayloadTooLarge,
@@ -25,6 +26,7 @@ from mesh_gateway.errors import (
 )
 from mesh_gateway.identity.tls import peer_spiffe_id
 from mesh_gateway.model import PeerCert, RequestInfo, Response
+from mesh_gateway.paths import UnsafePath, normalise_path
 from mesh_gateway.pipeline import Exchange, Pipeline, error_response
 from mesh_gateway.spiffe import IdentityError
 from mesh_gateway.upstream.http import BodyTooLarge
@@ -66,7 +68,11 @@ class HttpEdge:
             if self._rewrite is not None:
                 info = self._rewrite(info)
         except GatewayError as error:
-            return await self._write(request, error_response(error, request_id), None)
+            # Refused before the request was fully read (414/431/413/401): still logged, counted and traced.
+            rejected = Exchange(self._rejected_info(request, request_id), error=error)
+            rejected.span = self._pipeline.tracer.ingress(rejected.info)
+            rejected.span.fail(error)
+            return await self._write(request, error_response(error, request_id), rejected)
         exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
         body = self._body(request, exchange) if request.body_exists else None
         try:
@@ -92,7 +98,12 @@ class HttpEdge:
             headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
         if size > limits.max_header_bytes:
             raise HeadersTooLarge(f"{size} bytes of headers")
-        path, _, query = raw_path.partition("?")
+        raw, _, query = raw_path.partition("?")
+        try:
+            # One path for routing, policy and upstream: see mesh_gateway/paths.py.
+            path = normalise_path(raw).path
+        except UnsafePath as exc:
+            raise BadRequest(str(exc), public_message="ambiguous request path") from None
         transport = request.transport
         peer = self._peer(transport)
         client = transport.get_extra_info("peername") if transport else None
@@ -119,6 +130,17 @@ class HttpEdge:
             sni=ssl_object.server_hostname if ssl_object is not None else None,
             content_length=content_length,
         )
+
+    def _rejected_info(self, request: web.BaseRequest, request_id: str) -> RequestInfo:
+        """What may safely be kept of a request that broke a limit: no headers, a bounded path, no query."""
+        transport = request.transport
+        client = transport.get_extra_info("peername") if transport else None
+        return RequestInfo(
+            method=request.method[:16], path=request.raw_path.partition("?")[0][:256], query="",
+            host=request.headers.get("host", "")[:256], scheme=self._scheme, headers=(),
+            client_address=client[0] if client else "", client_port=client[1] if client else 0,
+            request_id=request_id, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            listener=self.name)
 
     @staticmethod
     def _peer(transport: Any) -> PeerCert | None:
