@@ -65,8 +65,9 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, mesh: DemoMesh,
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, mesh: DemoMesh | None = None,
                 otlp: str | None = None) -> cfg.GatewayConfig:
+    """The demo gateway: `web` on `/`, and with a running `mesh` also `/orders/` and `/items` through sidecars."""
     from mesh_gateway.demo.mesh import gateway_catalog, gateway_routes, tracing_settings
 
     return cfg.parse({
@@ -75,8 +76,8 @@ def demo_config(directory: Path, listen: str, upstream_port: int, admin: str, me
         "identity": {"ca_dir": str(directory), "spiffe_id": f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway",
                      "ttl": "1h", "dns": ["localhost", "127.0.0.1"]},
         "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}],
-                               **gateway_catalog(mesh)}},
-        "routes": [*gateway_routes(),
+                               **(gateway_catalog(mesh) if mesh else {})}},
+        "routes": [*(gateway_routes() if mesh else []),
                    {"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
         "telemetry": {"service_name": "mesh-gateway", "tracing": tracing_settings(otlp)},
