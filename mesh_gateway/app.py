@@ -15,6 +15,7 @@ from aiohttp import web
 from mesh_gateway import config as cfg
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
@@ -22,6 +23,7 @@ from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.watch import Watch
 
@@ -63,6 +65,7 @@ class Gateway:
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
@@ -71,6 +74,7 @@ class Gateway:
         self.admin.readiness.append(self._ready)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
+        self.grpc_edges: list[GrpcEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._runners: list[web.BaseRunner] = []
         self._started = False
@@ -83,6 +87,11 @@ class Gateway:
         return None
 
     def _server_tls(self, tls: cfg.ListenerTls) -> ServerTls:
+        static_chain, client_ca = self._listener_files(tls)
+        return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
+                         static_chain=static_chain, client_ca_pem=client_ca)
+
+    def _listener_files(self, tls: cfg.ListenerTls) -> tuple[tuple[bytes, bytes] | None, bytes | None]:
         static_chain = None
         if tls.cert is not None and tls.key is not None:
             try:
@@ -95,12 +104,14 @@ class Gateway:
                 client_ca = Path(tls.client_ca).read_bytes()
             except OSError as exc:
                 raise StartupError(f"listener client_ca: {exc}") from None
-        return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
-                         static_chain=static_chain, client_ca_pem=client_ca)
+        return static_chain, client_ca
 
     async def start(self) -> None:
         """Bind every listener and the admin port; the gateway is serving when this returns."""
         for listener in self.config.listeners:
+            if listener.protocol == "grpc":
+                await self._start_grpc(listener)
+                continue
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
                             tls=listener.tls is not None)
             server_tls = self._server_tls(listener.tls) if listener.tls else None
@@ -122,13 +133,31 @@ class Gateway:
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
 
+    async def _start_grpc(self, listener: cfg.Listener) -> None:
+        edge = GrpcEdge(name=listener.name, pipeline=self.pipeline, forwarder=self.grpc_forwarder,
+                        settings=self.config.protocols.grpc, tls=listener.tls is not None)
+        credentials = None
+        if listener.tls is not None:
+            static_chain, client_ca = self._listener_files(listener.tls)
+            required = listener.tls.client_auth == "required"
+            credentials = ServerCredentials(self.credentials, require_client_cert=required,
+                                            static_chain=static_chain, client_ca_pem=client_ca).build()
+        try:
+            self.addresses[listener.name] = await edge.start(listener.address, credentials)
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(f"cannot listen on {listener.address}: {exc}") from None
+        self.grpc_edges.append(edge)
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
         self._started = False
-        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners),
+                             *(edge.stop(self.config.drain_timeout_s) for edge in self.grpc_edges))
         self._runners.clear()
+        self.grpc_edges.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        await self.grpc_forwarder.close()
 
 
 async def run_until_signalled(gateway: Gateway) -> int:
