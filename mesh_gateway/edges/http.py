@@ -6,6 +6,7 @@ The pipeline never sees aiohttp types; this module is the whole HTTP/1.1 codec s
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,6 +33,8 @@ log = logging.getLogger("mesh_gateway.edge")
 
 CompletionHook = Callable[[Exchange], None]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A client's request id is adopted only if it is short and plain: it ends up in logs and upstream headers.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class HttpEdge:
@@ -51,7 +54,9 @@ class HttpEdge:
                           max_field_size=limits.max_header_bytes * 2, max_headers=limits.max_headers * 2)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         try:
             info = self._request_info(request, request_id)
         except GatewayError as error:
