@@ -16,6 +16,7 @@ from mesh_gateway import config as cfg
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
+from mesh_gateway.edges.h2 import AlpnSite, H2Server
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
@@ -86,10 +87,11 @@ class Gateway:
             return "gateway certificate has expired"
         return None
 
-    def _server_tls(self, tls: cfg.ListenerTls) -> ServerTls:
+    def _server_tls(self, tls: cfg.ListenerTls, *, http2: bool = False) -> ServerTls:
         static_chain, client_ca = self._listener_files(tls)
         return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
-                         static_chain=static_chain, client_ca_pem=client_ca)
+                         static_chain=static_chain, client_ca_pem=client_ca,
+                         alpn=("h2", "http/1.1") if http2 else ("http/1.1",))
 
     def _listener_files(self, tls: cfg.ListenerTls) -> tuple[tuple[bytes, bytes] | None, bytes | None]:
         static_chain = None
@@ -114,11 +116,11 @@ class Gateway:
                 continue
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
                             tls=listener.tls is not None)
-            server_tls = self._server_tls(listener.tls) if listener.tls else None
+            server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
             runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
             await runner.setup()
             sock = bind(listener.address)
-            site = web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
+            site = self._http_site(listener, runner, sock, edge, server_tls)
             await site.start()
             self._runners.append(runner)
             self.edges.append(edge)
@@ -132,6 +134,14 @@ class Gateway:
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
+
+    def _http_site(self, listener: cfg.Listener, runner: web.BaseRunner, sock: socket.socket, edge: HttpEdge,
+                   server_tls: ServerTls | None) -> web.BaseSite:
+        if server_tls is None or not listener.http2:
+            return web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
+        # ALPN picks the protocol per connection: h2 → edges/h2.py, http/1.1 → aiohttp (docs/protocols.md).
+        return AlpnSite(runner, sock, ssl_context=server_tls.front, drain_timeout_s=self.config.drain_timeout_s,
+                        h2_server=H2Server(edge, self.config.protocols.http2))
 
     async def _start_grpc(self, listener: cfg.Listener) -> None:
         edge = GrpcEdge(name=listener.name, pipeline=self.pipeline, forwarder=self.grpc_forwarder,

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh_gateway import headers as hdrs
 from mesh_gateway.config import GrpcSettings
+from mesh_gateway.edges.http import adopt_request_id
 from mesh_gateway.errors import Forbidden, GatewayError, Unauthenticated, as_gateway_error
 from mesh_gateway.model import Credentials, PeerCert, RequestInfo
 from mesh_gateway.pipeline import Exchange, Pipeline, Span
@@ -172,7 +172,7 @@ class GrpcEdge:
 
     def _request_info(self, context: Context, method: str) -> RequestInfo:
         headers = request_headers(tuple(context.invocation_metadata() or ()))
-        request_id = next((v for k, v in headers if k == "x-request-id"), "") or uuid.uuid4().hex
+        request_id = adopt_request_id(next((v for k, v in headers if k == "x-request-id"), None))
         address, port = parse_peer(context.peer() or "")
         peer = peer_from_auth_context(context.auth_context()) if self._scheme == "https" else None
         return RequestInfo(

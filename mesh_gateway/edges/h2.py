@@ -1,0 +1,418 @@
+"""HTTP/2 at the edge: the h2 library's state machine on an asyncio Protocol, each stream → RequestInfo + body
+stream → `Pipeline.handle`, exactly like the HTTP/1.1 edge. Upstreams stay HTTP/1.1 keep-alive.
+
+One TLS listener serves both: `AlpnSite` lets the handshake finish, then hands the connection to aiohttp (ALPN
+`http/1.1` or none) or to `H2Protocol` (ALPN `h2`). No framing is written here; h2 does all of it, including flow
+control, which we drive: request DATA is acknowledged only as the upstream consumes it, and response DATA waits
+for the client's window, so neither side can make the gateway buffer more than one window per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from aiohttp import web
+
+from mesh_gateway.config import Http2Settings
+from mesh_gateway.edges.http import HttpEdge, adopt_request_id, internal_error, transport_peer
+from mesh_gateway.errors import (
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    UriTooLong,
+    as_gateway_error,
+)
+from mesh_gateway.headers import HOP_BY_HOP
+from mesh_gateway.model import RequestInfo, Response
+from mesh_gateway.pipeline import Exchange, error_response
+from mesh_gateway.upstream.http import BodyTooLarge
+
+log = logging.getLogger("mesh_gateway.edge.h2")
+
+_END = None
+_GRPC_ELSEWHERE = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "12"),
+                   ("grpc-message", "gRPC is served on the grpc listener")]
+
+
+class _StreamGone(Exception):
+    """The client reset the stream or the connection went away; nothing more can be sent on it."""
+
+
+class _Stream:
+    __slots__ = ("body", "gone", "id", "task", "window")
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.body: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        self.window = asyncio.Event()
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class H2Server:
+    """Owns the HTTP/2 connections of one listener, so shutdown can send GOAWAY and drain them."""
+
+    def __init__(self, edge: HttpEdge, settings: Http2Settings) -> None:
+        self.edge = edge
+        self.settings = settings
+        self.connections: set[H2Protocol] = set()
+
+    def protocol(self) -> H2Protocol:
+        return H2Protocol(self)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        for connection in list(self.connections):
+            connection.go_away()
+        tasks = [s.task for c in self.connections for s in c.streams.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for connection in list(self.connections):
+            connection.close()
+
+
+class H2Protocol(asyncio.Protocol):
+    def __init__(self, server: H2Server) -> None:
+        self._server = server
+        self._edge = server.edge
+        self._limits = server.edge.limits
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self._conn = h2.connection.H2Connection(config=config)
+        self._transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._server.connections.add(self)
+        settings = self._server.settings
+        self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_bytes,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._limits.max_header_bytes,
+        })
+        self._conn.initiate_connection()
+        # The connection window starts at 64 KiB whatever the settings say; open it to match the streams'.
+        self._conn.increment_flow_control_window(settings.initial_window_bytes)
+        self._flush()
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("HTTP/2 protocol error from client: %s", exc)
+            self._flush()
+            self.close()
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        for stream in self.streams.values():
+            self._abandon(stream)
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- connection management -------------------------------------------------------------------------------
+
+    def go_away(self) -> None:
+        """Stop taking new streams; those in flight run to completion (bounded by the caller)."""
+        if not self._closing:
+            self._closing = True
+            self._conn.close_connection()
+            self._flush()
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self._limits.idle_timeout_s, self.go_away)
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream.gone:
+                # Nobody will read it; give the window back so the connection does not starve.
+                self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                stream.body.put_nowait((event.data, event.flow_controlled_length))
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.body.put_nowait(_END)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._abandon(stream)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            for stream in self.streams.values():
+                stream.window.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._closing = True
+            if not self.streams:
+                self.close()
+
+    def _abandon(self, stream: _Stream) -> None:
+        stream.gone = True
+        stream.window.set()
+        if stream.task is not None:
+            stream.task.cancel()
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self._closing:
+            self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = self.streams[stream_id] = _Stream(stream_id)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        headers = [(str(k), str(v)) for k, v in event.headers or ()]
+        stream.task = asyncio.get_running_loop().create_task(
+            self._serve(stream, headers, has_body=event.stream_ended is None))
+        stream.task.add_done_callback(lambda _: self._done(stream_id))
+
+    def _done(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+        if not self.streams:
+            if self._closing:
+                self.close()
+            elif self._transport is not None and not self._transport.is_closing():
+                self._arm_idle()
+
+    # -- one stream ------------------------------------------------------------------------------------------
+
+    async def _serve(self, stream: _Stream, headers: list[tuple[str, str]], *, has_body: bool) -> None:
+        pseudo = {k: v for k, v in headers if k.startswith(":")}
+        fields = [(k, v) for k, v in headers if not k.startswith(":")]
+        request_id = adopt_request_id(next((v for k, v in fields if k == "x-request-id"), None))
+        if pseudo.get(":method") == "POST" and any(
+                k == "content-type" and v.startswith("application/grpc") for k, v in fields):
+            # The pipeline forwards HTTP/1.1, which cannot carry trailers; say where gRPC goes instead.
+            await self._send_headers(stream, _GRPC_ELSEWHERE, end_stream=True)
+            return
+        try:
+            info = self._request_info(pseudo, fields, request_id)
+        except GatewayError as error:
+            await self._respond(stream, error_response(error, request_id), None)
+            return
+        exchange = Exchange(info, span=self._edge.pipeline.tracer.ingress(info))
+        body = self._body(stream, exchange) if has_body else None
+        try:
+            response = await self._edge.pipeline.handle(exchange, body)
+        except Exception as exc:
+            response = internal_error(exc, request_id)
+            exchange.error = as_gateway_error(exc)
+            exchange.span.fail(exchange.error)
+        await self._respond(stream, response, exchange)
+
+    def _request_info(self, pseudo: dict[str, str], fields: list[tuple[str, str]], request_id: str) -> RequestInfo:
+        limits = self._limits
+        method, target = pseudo.get(":method", ""), pseudo.get(":path", "")
+        if len(target) + len(method) + 12 > limits.max_request_line_bytes:
+            raise UriTooLong(f"request target of {len(target)} bytes")
+        if len(fields) > limits.max_headers:
+            raise HeadersTooLarge(f"{len(fields)} header fields")
+        size = sum(len(k) + len(v) + 4 for k, v in fields)
+        if size > limits.max_header_bytes:
+            raise HeadersTooLarge(f"{size} bytes of headers")
+        length_text = next((v for k, v in fields if k == "content-length"), None)
+        content_length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        if content_length is not None and content_length > limits.max_body_bytes:
+            raise PayloadTooLarge(f"declared body of {content_length} bytes")
+        transport = self._transport
+        client = transport.get_extra_info("peername") if transport else None
+        local = transport.get_extra_info("sockname") if transport else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        path, _, query = target.partition("?")
+        return RequestInfo(
+            method=method, path=path, query=query,
+            host=pseudo.get(":authority") or next((v for k, v in fields if k == "host"), ""),
+            scheme=self._edge.scheme, headers=tuple(fields),
+            client_address=client[0] if client else "", client_port=client[1] if client else 0,
+            request_id=request_id, protocol="HTTP/2", listener=self._edge.name,
+            local_address=local[0] if local else "", local_port=local[1] if local else 0,
+            peer=transport_peer(transport), sni=ssl_object.server_hostname if ssl_object is not None else None,
+            content_length=content_length,
+        )
+
+    async def _body(self, stream: _Stream, exchange: Exchange) -> AsyncIterator[bytes]:
+        limits = self._limits
+        cap = min(exchange.route.policy.max_body_bytes if exchange.route else limits.max_body_bytes,
+                  limits.max_body_bytes)
+        while True:
+            try:
+                async with asyncio.timeout(limits.idle_timeout_s):
+                    item = await stream.body.get()
+            except TimeoutError:
+                raise RequestTimeout("request body stalled") from None
+            if item is _END:
+                return
+            data, flow_controlled = item
+            exchange.bytes_in += len(data)
+            if exchange.bytes_in > cap:
+                raise BodyTooLarge()
+            # Consumed: only now may the client send more (h2 batches the WINDOW_UPDATEs).
+            if not stream.gone:
+                self._conn.acknowledge_received_data(flow_controlled, stream.id)
+                self._flush()
+            yield data
+
+    async def _respond(self, stream: _Stream, response: Response, exchange: Exchange | None) -> None:
+        headers = [(":status", str(response.status))]
+        headers += [(k, v) for k, v in response.headers if k not in HOP_BY_HOP and not k.startswith(":")]
+        body = response.body
+        sent = 0
+        try:
+            if isinstance(body, bytes):
+                await self._send_headers(stream, headers, end_stream=not body)
+                if body:
+                    await self._send_data(stream, body, end_stream=True)
+                sent = len(body)
+            else:
+                await self._send_headers(stream, headers, end_stream=False)
+                async for chunk in body:
+                    await self._send_data(stream, chunk, end_stream=False)
+                    sent += len(chunk)
+                await self._send_data(stream, b"", end_stream=True)
+        except GatewayError as error:
+            # Headers are gone already: reset the stream so the client cannot take a truncated body for whole.
+            log.warning("response aborted: %s", error.detail or error.public_message)
+            if exchange is not None:
+                exchange.error = error
+            self._reset(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except _StreamGone:
+            pass
+        finally:
+            if not isinstance(body, bytes):
+                await body.aclose()  # type: ignore[attr-defined]
+        if exchange is not None:
+            self._edge.finish(exchange, response.status, sent)
+
+    def _reset(self, stream: _Stream, code: h2.errors.ErrorCodes) -> None:
+        if not stream.gone:
+            stream.gone = True
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._conn.reset_stream(stream.id, code)
+                self._flush()
+
+    async def _send_headers(self, stream: _Stream, headers: list[tuple[str, str]], *, end_stream: bool) -> None:
+        if stream.gone:
+            raise _StreamGone()
+        try:
+            self._conn.send_headers(stream.id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            raise _StreamGone() from exc
+        self._flush()
+        await self._drain()
+
+    async def _send_data(self, stream: _Stream, data: bytes, *, end_stream: bool) -> None:
+        view = memoryview(data)
+        while True:
+            if stream.gone:
+                raise _StreamGone()
+            window = min(self._conn.local_flow_control_window(stream.id), self._conn.max_outbound_frame_size)
+            if window <= 0 and view:
+                stream.window.clear()
+                try:
+                    async with asyncio.timeout(self._limits.idle_timeout_s):
+                        await stream.window.wait()
+                except TimeoutError:
+                    self._reset(stream, h2.errors.ErrorCodes.CANCEL)  # client stopped reading
+                    raise _StreamGone() from None
+                continue
+            chunk, view = view[:window], view[window:]
+            try:
+                self._conn.send_data(stream.id, bytes(chunk), end_stream=end_stream and not view)
+            except h2.exceptions.ProtocolError as exc:
+                raise _StreamGone() from exc
+            self._flush()
+            await self._drain()
+            if not view:
+                return
+
+    async def _drain(self) -> None:
+        if not self._writable.is_set():
+            try:
+                async with asyncio.timeout(self._limits.idle_timeout_s):
+                    await self._writable.wait()
+            except TimeoutError:
+                self.close()
+                raise _StreamGone() from None
+        if self._transport is None or self._transport.is_closing():
+            raise _StreamGone()
+
+
+class _AlpnSwitch(asyncio.Protocol):
+    """Lives only until the TLS handshake is done, then swaps in the protocol ALPN chose."""
+
+    def __init__(self, http1: Any, h2_server: H2Server) -> None:
+        self._http1 = http1
+        self._h2 = h2_server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        protocol: asyncio.BaseProtocol = self._h2.protocol() if chosen == "h2" else self._http1()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+class AlpnSite(web.SockSite):
+    """aiohttp's SockSite, with connections that negotiated `h2` served by an H2Server instead."""
+
+    def __init__(self, runner: web.BaseRunner, sock: Any, *, ssl_context: Any, h2_server: H2Server,
+                 drain_timeout_s: float) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self.h2_server = h2_server
+        self._drain_timeout_s = drain_timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        http1 = self._runner.server
+        assert http1 is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _AlpnSwitch(http1, self.h2_server), sock=self._sock, ssl=self._ssl_context,
+            backlog=self._backlog)
+
+    async def stop(self) -> None:
+        await super().stop()  # stop accepting
+        await self.h2_server.shutdown(self._drain_timeout_s)
