@@ -18,6 +18,7 @@ from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.h2 import AlpnSite, H2Server
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
@@ -26,6 +27,7 @@ from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
 from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.upstream.websocket import WebSocketDialer
 from mesh_gateway.watch import Watch
 
 log = logging.getLogger("mesh_gateway")
@@ -67,6 +69,7 @@ class Gateway:
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
+        self.websocket_dialer = WebSocketDialer(self.forwarder, config.protocols.websocket)
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
@@ -116,6 +119,8 @@ class Gateway:
                 continue
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
                             tls=listener.tls is not None)
+            if self.config.protocols.websocket.enabled:
+                edge.websockets = WebSocketProxy(self.pipeline, self.websocket_dialer, self.config.protocols.websocket)
             server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
             runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
             await runner.setup()
@@ -168,6 +173,7 @@ class Gateway:
         await self.supervisor.stop()
         await self.forwarder.close()
         await self.grpc_forwarder.close()
+        await self.websocket_dialer.close()
 
 
 async def run_until_signalled(gateway: Gateway) -> int:

@@ -65,7 +65,8 @@ class HttpForwarder:
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
 
-    def _session_for_loop(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
+        """The shared session (SpiffeConnector); the WebSocket dialer opens its upgrades on it too."""
         if self._session is None:
             connector = SpiffeConnector(limit=0, limit_per_host=self._pool_size,
                                         keepalive_timeout=self._keepalive_s, enable_cleanup_closed=False)
@@ -79,7 +80,7 @@ class HttpForwarder:
             await self._session.close()
             self._session = None
 
-    def _context(self, endpoint: Endpoint) -> UpstreamContext | bool:
+    def ssl_context_for(self, endpoint: Endpoint) -> UpstreamContext | bool:
         if endpoint.tls == "plain":
             return False
         version = self._credentials.version
@@ -96,7 +97,7 @@ class HttpForwarder:
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
-        ssl_context = self._context(endpoint)
+        ssl_context = self.ssl_context_for(endpoint)
         scheme = "http" if ssl_context is False else "https"
         url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{request.target}", encoded=True)
         headers = CIMultiDict(request.headers)
@@ -106,7 +107,7 @@ class HttpForwarder:
         policy = route.policy
         timeout = aiohttp.ClientTimeout(total=None, connect=policy.connect_timeout_s,
                                         sock_read=policy.idle_timeout_s)
-        session = self._session_for_loop()
+        session = self.session()
         try:
             async with asyncio.timeout(policy.timeout_s):
                 upstream = await session.request(
@@ -120,7 +121,7 @@ class HttpForwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
         except aiohttp.ClientError as exc:
-            cause = _cause(exc)
+            cause = gateway_cause(exc)
             if isinstance(cause, GatewayError):
                 raise cause from None
             raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
@@ -130,7 +131,7 @@ class HttpForwarder:
         return Response(upstream.status, response_headers, _stream(upstream), endpoint.key)
 
 
-def _cause(exc: BaseException) -> BaseException | None:
+def gateway_cause(exc: BaseException) -> BaseException | None:
     seen = exc.__cause__ or exc.__context__
     while seen is not None:
         if isinstance(seen, GatewayError | BodyTooLarge):
