@@ -8,12 +8,17 @@ import os
 import httpx
 import pytest
 
+from mesh_gateway.app import Gateway
 from tests.grpc_support import DenyMethods
 from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, gateway_config, running, url
 
 
 def web_catalog(upstream) -> dict[str, list[dict[str, object]]]:
     return {"web": [{"address": upstream.host, "port": upstream.port, "spiffe_id": WEB_ID}]}
+
+
+def h2_servers(gw) -> list:
+    return [site.h2_server for runner in gw._runners for site in runner.sites if hasattr(site, "h2_server")]
 
 
 def h2_client(ca, creds, *, http2: bool = True) -> httpx.AsyncClient:
@@ -46,8 +51,7 @@ async def test_h2_bodies_stream_both_ways_under_flow_control(ca, ca_dir, web_ups
 async def test_h2_multiplexes_concurrent_requests_on_one_connection(ca, ca_dir, web_upstream, client_creds):
     async with running(gateway_config(ca_dir, web_catalog(web_upstream))) as gw, h2_client(ca, client_creds) as client:
         responses = await asyncio.gather(*(client.get(url(gw, f"/n/{i}")) for i in range(30)))
-        edge_connections = sum(len(site.h2_server.connections) for runner in gw._runners
-                               for site in runner.sites if hasattr(site, "h2_server"))
+        edge_connections = sum(len(server.connections) for server in h2_servers(gw))
     assert [r.json()["path"] for r in responses] == [f"/n/{i}" for i in range(30)]
     assert {r.http_version for r in responses} == {"HTTP/2"}
     assert edge_connections == 1
@@ -101,3 +105,20 @@ async def test_h2_oversized_body_is_refused_whether_declared_or_streamed(ca, ca_
         resp = await client.post(url(gw, "/echo"), content=b"x" * 65536 if declared else stream())
     assert resp.status_code == 413
     assert resp.json()["error"] == "request body too large"
+
+
+async def test_stop_drains_in_flight_h2_streams(ca, ca_dir, web_upstream, client_creds):
+    gw = Gateway(gateway_config(ca_dir, web_catalog(web_upstream)))
+    await gw.start()
+    try:
+        async with h2_client(ca, client_creds) as client:
+            pending = asyncio.ensure_future(client.get(url(gw, "/slow?seconds=0.5")))
+            async with asyncio.timeout(10):
+                while not any(conn.streams for server in h2_servers(gw) for conn in server.connections):
+                    await asyncio.sleep(0.01)
+            await gw.stop()
+            resp = await pending
+    finally:
+        await gw.stop()
+    assert resp.status_code == 200
+    assert resp.http_version == "HTTP/2"

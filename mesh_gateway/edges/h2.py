@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -73,7 +73,7 @@ class H2Server:
 
     async def shutdown(self, timeout_s: float) -> None:
         for connection in list(self.connections):
-            connection.go_away()
+            connection.drain()
         tasks = [s.task for c in self.connections for s in c.streams.values() if s.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
@@ -98,8 +98,7 @@ class H2Protocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
         self._server.connections.add(self)
         settings = self._server.settings
         self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -141,14 +140,20 @@ class H2Protocol(asyncio.Protocol):
 
     # -- connection management -------------------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Refuse new streams (REFUSED_STREAM: safe for the client to retry elsewhere); once those in flight are
+        done, GOAWAY and close. GOAWAY is not sent first because some clients (httpcore, so httpx) fail every
+        open stream on GOAWAY, even those below its last-stream-id that RFC 9113 lets finish."""
+        self._closing = True
+        if not self.streams:
+            self.go_away()
+
     def go_away(self) -> None:
-        """Stop taking new streams; those in flight run to completion (bounded by the caller)."""
-        if not self._closing:
-            self._closing = True
+        self._closing = True
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._conn.close_connection()
             self._flush()
-        if not self.streams:
-            self.close()
+        self.close()
 
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -214,7 +219,7 @@ class H2Protocol(asyncio.Protocol):
         self.streams.pop(stream_id, None)
         if not self.streams:
             if self._closing:
-                self.close()
+                self.go_away()
             elif self._transport is not None and not self._transport.is_closing():
                 self._arm_idle()
 

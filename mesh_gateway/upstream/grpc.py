@@ -113,6 +113,7 @@ class GrpcForwarder:
         self._retiring: set[asyncio.Task[None]] = set()
         self._directory: str | None = None
         self._serial = 0
+        self._creating = asyncio.Lock()
 
     def _options(self, endpoint: Endpoint) -> list[tuple[str, str | int]]:
         size = self._settings.max_message_bytes
@@ -135,6 +136,12 @@ class GrpcForwarder:
         if entry is not None:
             self._channels.move_to_end(key)
             return entry
+        async with self._creating:  # concurrent first calls to one endpoint must share one channel
+            entry = self._channels.get(key)
+            return entry if entry is not None else await self._new_channel(endpoint, version, connect_timeout_s)
+
+    async def _new_channel(self, endpoint: Endpoint, version: int, connect_timeout_s: float) -> _Channel:
+        key = (endpoint, version)
         for old_key in [k for k in self._channels if k[1] != version]:
             self._retire(self._channels.pop(old_key), self._settings.channel_grace_s)
         while len(self._channels) >= self._settings.max_channels:
@@ -204,6 +211,8 @@ class GrpcForwarder:
         self._channels.clear()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=grace_s + 5.0)
+        for task in list(self._retiring):  # channels retired by rotation with a longer grace than we have now
+            task.cancel()
         if self._directory is not None:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._directory)
