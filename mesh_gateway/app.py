@@ -8,13 +8,16 @@ import logging
 import signal
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp import web
 
+from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.admin_views import add_telemetry_views
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.h2 import AlpnSite, H2Server
 from mesh_gateway.edges.http import HttpEdge
@@ -22,9 +25,12 @@ from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
-from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
+from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.telemetry.logs import AccessLog
+from mesh_gateway.telemetry.metrics import MeteredAuthorizer, Metrics
+from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.upstream.websocket import WebSocketDialer
@@ -70,12 +76,25 @@ class Gateway:
                                        keepalive_s=config.upstream.keepalive_s)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
         self.websocket_dialer = WebSocketDialer(self.forwarder, config.protocols.websocket)
+        telemetry = config.telemetry
+        self.metrics = Metrics() if telemetry.metrics.enabled else None
+        try:
+            self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
+            self.tracer = OtelTracer(telemetry.tracing, service_name=telemetry.service_name,
+                                     service_version=__version__, instance_id=uuid.uuid4().hex)
+        except cfg.ConfigError as exc:
+            raise StartupError(str(exc)) from None
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
+        elif self.metrics is not None:
+            authorizer = MeteredAuthorizer(authorizer, self.metrics)
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id)
+                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id, tracer=self.tracer)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        add_telemetry_views(self.admin, config=config, routes=self.routes, metrics=self.metrics)
+        if self.metrics is not None:
+            self._register_gauges(self.metrics)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.grpc_edges: list[GrpcEdge] = []
@@ -89,6 +108,29 @@ class Gateway:
         if self.credentials.get().not_after <= time.time():
             return "gateway certificate has expired"
         return None
+
+    def _register_gauges(self, metrics: Metrics) -> None:
+        metrics.span_source(self.tracer.stats)
+        metrics.cert_expiry_source("gateway", lambda: self.credentials.get().not_after)
+        metrics.cert_expiry_source("intermediate", lambda: self.ca.max_not_after.timestamp())
+        metrics.cert_expiry_source("root", lambda: min(r.not_valid_after_utc.timestamp() for r in self.ca.roots))
+        metrics.discovery_updated(self.catalog.get().services)
+
+    async def _track_discovery(self, metrics: Metrics) -> None:
+        """Every catalog snapshot published counts as an update of the services it holds."""
+        version = self.catalog.version
+        while True:
+            if await self.catalog.changed(version, timeout_s=60.0):
+                version = self.catalog.version
+                services = self.catalog.get().services
+                metrics.discovery_updated(services)
+
+    def _completed(self, exchange: Exchange) -> None:
+        duration_s = time.perf_counter() - exchange.started
+        if self.metrics is not None:
+            self.metrics.request_done(exchange, duration_s)
+        if self.access_log is not None:
+            self.access_log.record(exchange, duration_s)
 
     def _server_tls(self, tls: cfg.ListenerTls, *, http2: bool = False) -> ServerTls:
         static_chain, client_ca = self._listener_files(tls)
@@ -118,7 +160,7 @@ class Gateway:
                 await self._start_grpc(listener)
                 continue
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
-                            tls=listener.tls is not None)
+                            tls=listener.tls is not None, on_complete=[self._completed])
             if self.config.protocols.websocket.enabled:
                 edge.websockets = WebSocketProxy(self.pipeline, self.websocket_dialer, self.config.protocols.websocket)
             server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
@@ -136,6 +178,11 @@ class Gateway:
         await web.SockSite(admin_runner, admin_sock).start()
         self._runners.append(admin_runner)
         self.addresses["admin"] = admin_sock.getsockname()[:2]
+        if self.access_log is not None:
+            self.supervisor.start("access-log", self.access_log.run)
+        if self.metrics is not None:
+            metrics = self.metrics
+            self.supervisor.start("discovery-age", lambda: self._track_discovery(metrics))
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -150,7 +197,8 @@ class Gateway:
 
     async def _start_grpc(self, listener: cfg.Listener) -> None:
         edge = GrpcEdge(name=listener.name, pipeline=self.pipeline, forwarder=self.grpc_forwarder,
-                        settings=self.config.protocols.grpc, tls=listener.tls is not None)
+                        settings=self.config.protocols.grpc, tls=listener.tls is not None,
+                        on_complete=[self._completed])
         credentials = None
         if listener.tls is not None:
             static_chain, client_ca = self._listener_files(listener.tls)
@@ -174,6 +222,10 @@ class Gateway:
         await self.forwarder.close()
         await self.grpc_forwarder.close()
         await self.websocket_dialer.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        # Export runs on its own thread; the flush at shutdown is bounded by tracing.shutdown_timeout_s.
+        await asyncio.to_thread(self.tracer.shutdown)
 
 
 async def run_until_signalled(gateway: Gateway) -> int:

@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--listen", default="127.0.0.1:8443", help="gateway TLS listener")
     parser.add_argument("--upstream-port", type=int, default=9001)
     parser.add_argument("--admin", default="127.0.0.1:9901")
+    parser.add_argument("--otlp", metavar="URL", default=None,
+                        help="export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 (Jaeger); default: off")
     parser.set_defaults(handler=handle)
 
 
@@ -52,7 +54,9 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str) -> cfg.GatewayConfig:
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str,
+                otlp: str | None = None) -> cfg.GatewayConfig:
+    tracing = {"exporter": "otlp_grpc", "endpoint": otlp, "sampling_ratio": 1.0} if otlp else {"exporter": "none"}
     return cfg.parse({
         "trust_domain": TRUST_DOMAIN,
         "listeners": [{"name": "public", "address": listen, "tls": {"client_auth": "optional"}}],
@@ -61,6 +65,7 @@ def demo_config(directory: Path, listen: str, upstream_port: int, admin: str) ->
         "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}]}},
         "routes": [{"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
+        "telemetry": {"service_name": "mesh-gateway", "tracing": tracing},
     })
 
 
@@ -77,7 +82,7 @@ def handle(args: argparse.Namespace) -> int:
     except (CAError, OSError) as exc:
         print(f"error: {exc}")
         return 2
-    config = demo_config(directory, args.listen, args.upstream_port, args.admin)
+    config = demo_config(directory, args.listen, args.upstream_port, args.admin, args.otlp)
 
     async def main() -> int:
         upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,

@@ -189,11 +189,7 @@ class GrpcEdge:
         except GatewayError as error:
             await context.abort(grpc.StatusCode[error.grpc_code], error.public_message)
             return
-        exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
-        service, _, name = method[1:].partition("/")
-        exchange.span.set("rpc.system", "grpc")
-        exchange.span.set("rpc.service", service)
-        exchange.span.set("rpc.method", name)
+        exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))  # rpc.* attributes from info.is_grpc
         code = grpc.StatusCode.OK
         try:
             code = await self._proxy(exchange, requests, context)
@@ -227,6 +223,8 @@ class GrpcEdge:
         span.set("rpc.system", "grpc")
         span.set("server.address", endpoint.address)
         span.set("server.port", endpoint.port)
+        if endpoint.spiffe_id is not None:
+            span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
         span.inject(headers)
         remaining = context.time_remaining()
         timeout_s = min(route.policy.timeout_s, remaining if remaining is not None else math.inf)

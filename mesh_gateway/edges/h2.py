@@ -237,7 +237,11 @@ class H2Protocol(asyncio.Protocol):
         try:
             info = self._request_info(pseudo, fields, request_id)
         except GatewayError as error:
-            await self._respond(stream, error_response(error, request_id), None)
+            # Refused before routing (414/431/413/401): still logged, counted and traced, like HTTP/1.1.
+            rejected = Exchange(self._rejected_info(pseudo, request_id), error=error)
+            rejected.span = self._edge.pipeline.tracer.ingress(rejected.info)
+            rejected.span.fail(error)
+            await self._respond(stream, error_response(error, request_id), rejected)
             return
         exchange = Exchange(info, span=self._edge.pipeline.tracer.ingress(info))
         body = self._body(stream, exchange) if has_body else None
@@ -278,6 +282,15 @@ class H2Protocol(asyncio.Protocol):
             peer=transport_peer(transport), sni=ssl_object.server_hostname if ssl_object is not None else None,
             content_length=content_length,
         )
+
+    def _rejected_info(self, pseudo: dict[str, str], request_id: str) -> RequestInfo:
+        """What may safely be kept of a request that broke a limit: no headers, a bounded path, no query."""
+        client = self._transport.get_extra_info("peername") if self._transport else None
+        return RequestInfo(
+            method=pseudo.get(":method", "")[:16], path=pseudo.get(":path", "").partition("?")[0][:256], query="",
+            host=pseudo.get(":authority", "")[:256], scheme=self._edge.scheme, headers=(),
+            client_address=client[0] if client else "", client_port=client[1] if client else 0,
+            request_id=request_id, protocol="HTTP/2", listener=self._edge.name)
 
     async def _body(self, stream: _Stream, exchange: Exchange) -> AsyncIterator[bytes]:
         limits = self._limits

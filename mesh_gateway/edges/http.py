@@ -78,7 +78,11 @@ class HttpEdge:
         try:
             info = self._request_info(request, request_id)
         except GatewayError as error:
-            return await self._write(request, error_response(error, request_id), None)
+            # Refused before the request was fully read (414/431/413/401): still logged, counted and traced.
+            rejected = Exchange(self._rejected_info(request, request_id), error=error)
+            rejected.span = self._pipeline.tracer.ingress(rejected.info)
+            rejected.span.fail(error)
+            return await self._write(request, error_response(error, request_id), rejected)
         exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
         if self.websockets is not None and self.websockets.wants(info):
             # Authorized like any request, and answered with a plain HTTP error before any upgrade if refused.
@@ -138,6 +142,17 @@ class HttpEdge:
             sni=ssl_object.server_hostname if ssl_object is not None else None,
             content_length=content_length,
         )
+
+    def _rejected_info(self, request: web.BaseRequest, request_id: str) -> RequestInfo:
+        """What may safely be kept of a request that broke a limit: no headers, a bounded path, no query."""
+        transport = request.transport
+        client = transport.get_extra_info("peername") if transport else None
+        return RequestInfo(
+            method=request.method[:16], path=request.raw_path.partition("?")[0][:256], query="",
+            host=request.headers.get("host", "")[:256], scheme=self._scheme, headers=(),
+            client_address=client[0] if client else "", client_port=client[1] if client else 0,
+            request_id=request_id, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            listener=self.name)
 
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:

@@ -83,6 +83,8 @@ class WebSocketProxy:
         span = self._pipeline.tracer.child(exchange.span, "upstream", client=True)
         span.set("server.address", endpoint.address)
         span.set("server.port", endpoint.port)
+        if endpoint.spiffe_id is not None:
+            span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
         span.inject(headers)
         try:
             return await self._dialer.connect(endpoint, info.target, headers, protocols)
