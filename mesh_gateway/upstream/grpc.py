@@ -22,7 +22,7 @@ import grpc
 import grpc.aio
 
 from mesh_gateway.config import GrpcSettings
-from mesh_gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from mesh_gateway.errors import GatewayError, UpstreamUnavailable
 from mesh_gateway.identity.tls import client_context
 from mesh_gateway.model import Credentials, Endpoint
 from mesh_gateway.upstream.grpc_bridge import TlsBridge
@@ -189,8 +189,7 @@ class GrpcForwarder:
         except TimeoutError:
             if entry.bridge is not None and entry.bridge.last_error is not None:
                 raise entry.bridge.last_error from None
-            raise UpstreamTimeout(f"{endpoint.key}: not connected within {timeout_s:.3g}s",
-                                  public_message="upstream unavailable") from None
+            raise UpstreamUnavailable(f"{endpoint.key}: not connected within {timeout_s:.3g}s") from None
 
     async def open(self, endpoint: Endpoint, method: str, metadata: Metadata, *, timeout_s: float,
                    connect_timeout_s: float) -> UpstreamCall:
