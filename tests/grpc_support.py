@@ -80,13 +80,17 @@ def _servicer(pb: ModuleType, pb_grpc: ModuleType, calls: list[str]) -> Any:
     return Echo()
 
 
-async def start_echo_upstream(pb: ModuleType, pb_grpc: ModuleType, creds: Credentials) -> EchoUpstream:
+async def start_echo_upstream(pb: ModuleType, pb_grpc: ModuleType, creds: Credentials | None) -> EchoUpstream:
+    """mTLS (client certificate required) with `creds`; plaintext when `creds` is None."""
     server = grpc.aio.server()
     calls: list[str] = []
     pb_grpc.add_EchoServicer_to_server(_servicer(pb, pb_grpc, calls), server)
-    server_creds = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_chain_pem)],
-                                               root_certificates=creds.bundle_pem, require_client_auth=True)
-    port = server.add_secure_port("127.0.0.1:0", server_creds)
+    if creds is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        server_creds = grpc.ssl_server_credentials([(creds.key_pem, creds.cert_chain_pem)],
+                                                   root_certificates=creds.bundle_pem, require_client_auth=True)
+        port = server.add_secure_port("127.0.0.1:0", server_creds)
     await server.start()
     return EchoUpstream(pb, server, port, calls)
 

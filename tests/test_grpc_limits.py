@@ -82,3 +82,34 @@ async def test_plaintext_grpc_listener_still_forwards_over_mtls(ca, ca_dir, echo
     assert reply.text == "PLAIN"
     assert reply.metadata["x-forwarded-proto"] == "http"
     assert "x-forwarded-client-cert" not in reply.metadata
+
+
+async def test_rotated_gateway_svid_moves_calls_to_a_new_verified_channel(ca, ca_dir, echo, protos, client_creds):
+    pb, pb_grpc = protos
+    async with running(grpc_config(ca_dir, echo.port)) as gw:
+        channel, client = stub(gw, ca, client_creds, pb_grpc)
+        async with channel:
+            before = await client.Unary(pb.Msg(text="before"), timeout=10)
+            gw.credentials.publish(issue(ca, "spiffe://mesh.local/ns/default/sa/gateway"))
+            after = await client.Unary(pb.Msg(text="after"), timeout=10)
+            versions = {version for _, version in gw.grpc_forwarder._channels}
+    assert (before.text, after.text) == ("BEFORE", "AFTER")
+    assert versions == {gw.credentials.version}
+    assert echo.calls == ["Unary", "Unary"]
+
+
+async def test_plain_upstream_endpoint_is_reached_without_tls(ca, ca_dir, protos, client_creds):
+    pb, pb_grpc = protos
+    plain = await start_echo_upstream(pb, pb_grpc, None)
+    try:
+        config = grpc_config(ca_dir, plain.port)
+        catalog = config.catalog.model_copy(update={"static": {"echo": (
+            config.catalog.static["echo"][0].model_copy(update={"tls": "plain", "spiffe_id": None}),)}})
+        async with running(config.model_copy(update={"catalog": catalog})) as gw:
+            channel, client = stub(gw, ca, client_creds, pb_grpc)
+            async with channel:
+                reply = await client.Unary(pb.Msg(text="clear"), timeout=10)
+    finally:
+        await plain.close()
+    assert reply.text == "CLEAR"
+    assert reply.caller == ""  # no TLS on that leg, so no gateway certificate either

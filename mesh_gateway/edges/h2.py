@@ -316,7 +316,8 @@ class H2Protocol(asyncio.Protocol):
 
     async def _respond(self, stream: _Stream, response: Response, exchange: Exchange | None) -> None:
         headers = [(":status", str(response.status))]
-        headers += [(k, v) for k, v in response.headers if k not in HOP_BY_HOP and not k.startswith(":")]
+        # HTTP/2 field names must be lower-case (headers an authz decision adds may not be).
+        headers += [(k.lower(), v) for k, v in response.headers if k.lower() not in HOP_BY_HOP and k[:1] != ":"]
         body = response.body
         sent = 0
         try:
