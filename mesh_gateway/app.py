@@ -18,8 +18,9 @@ from mesh_gateway import config as cfg
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
+from mesh_gateway.edges.alpn import AlpnSite
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
-from mesh_gateway.edges.h2 import AlpnSite, H2Server
+from mesh_gateway.edges.h2 import H2Server
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca

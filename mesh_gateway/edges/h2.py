@@ -1,10 +1,10 @@
 """HTTP/2 at the edge: the h2 library's state machine on an asyncio Protocol, each stream → RequestInfo + body
 stream → `Pipeline.handle`, exactly like the HTTP/1.1 edge. Upstreams stay HTTP/1.1 keep-alive.
 
-One TLS listener serves both: `AlpnSite` lets the handshake finish, then hands the connection to aiohttp (ALPN
-`http/1.1` or none) or to `H2Protocol` (ALPN `h2`). No framing is written here; h2 does all of it, including flow
-control, which we drive: request DATA is acknowledged only as the upstream consumes it, and response DATA waits
-for the client's window, so neither side can make the gateway buffer more than one window per stream.
+One TLS listener serves both: `AlpnSite` (edges/alpn.py) lets the handshake finish, then hands the connection to
+aiohttp (ALPN `http/1.1` or none) or to `H2Protocol` (ALPN `h2`). No framing is written here; h2 does all of it,
+including flow control, which we drive: request DATA is acknowledged only as the upstream consumes it, and response
+DATA waits for the client's window, so neither side can make the gateway buffer more than one window per stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -21,7 +21,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from aiohttp import web
 
 from mesh_gateway.config import Http2Settings
 from mesh_gateway.edges.http import HttpEdge, adopt_request_id, internal_error, transport_peer
@@ -398,40 +397,3 @@ class H2Protocol(asyncio.Protocol):
                 raise _StreamGone() from None
         if self._transport is None or self._transport.is_closing():
             raise _StreamGone()
-
-
-class _AlpnSwitch(asyncio.Protocol):
-    """Lives only until the TLS handshake is done, then swaps in the protocol ALPN chose."""
-
-    def __init__(self, http1: Any, h2_server: H2Server) -> None:
-        self._http1 = http1
-        self._h2 = h2_server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        protocol: asyncio.BaseProtocol = self._h2.protocol() if chosen == "h2" else self._http1()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-
-
-class AlpnSite(web.SockSite):
-    """aiohttp's SockSite, with connections that negotiated `h2` served by an H2Server instead."""
-
-    def __init__(self, runner: web.BaseRunner, sock: Any, *, ssl_context: Any, h2_server: H2Server,
-                 drain_timeout_s: float) -> None:
-        super().__init__(runner, sock, ssl_context=ssl_context)
-        self.h2_server = h2_server
-        self._drain_timeout_s = drain_timeout_s
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
-        http1 = self._runner.server
-        assert http1 is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _AlpnSwitch(http1, self.h2_server), sock=self._sock, ssl=self._ssl_context,
-            backlog=self._backlog)
-
-    async def stop(self) -> None:
-        await super().stop()  # stop accepting
-        await self.h2_server.shutdown(self._drain_timeout_s)
