@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 
@@ -10,7 +11,7 @@ import grpc.aio
 import pytest
 
 from tests.fakes.otlp import OtlpReceiver
-from tests.grpc_support import EchoUpstream, compile_echo, start_echo_upstream
+from tests.grpc_support import DenyMethods, EchoUpstream, compile_echo, start_echo_upstream
 from tests.support import CLIENT_ID, issue, running
 from tests.test_grpc_proxy import ECHO_ID, grpc_config, stub
 
@@ -68,3 +69,22 @@ async def test_grpc_call_is_one_trace_from_client_metadata_to_upstream(ca, ca_di
     # The upstream continues the trace under the gateway's upstream span.
     assert reply.metadata["traceparent"] == f"00-{CLIENT_TRACE}-{upstream.span_id}-01"
     assert failed_ingress.attributes["rpc.grpc.status_code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+async def test_grpc_calls_are_access_logged_like_http(ca, ca_dir, echo, protos, client_creds, tmp_path):
+    pb, pb_grpc = protos
+    log_path = tmp_path / "access.log"
+    config = grpc_config(ca_dir, echo.port, telemetry={"access_log": {"path": str(log_path),
+                                                                      "flush_interval_s": 0.05}})
+    async with running(config, authorizer=DenyMethods("/meshtest.Echo/ClientStream")) as gw:
+        channel, client = stub(gw, ca, client_creds, pb_grpc)
+        async with channel:
+            await client.Unary(pb.Msg(text="logged"), timeout=10, metadata=(("x-request-id", "req-42"),))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.ClientStream(iter([pb.Msg(text="x")]), timeout=10)
+    allowed, denied = (json.loads(line) for line in log_path.read_text().splitlines())
+    assert (allowed["path"], allowed["status"], allowed["route"], allowed["request_id"]) == (
+        "/meshtest.Echo/Unary", 200, "echo", "req-42")
+    assert (allowed["peer"], allowed["protocol"], allowed["method"]) == (CLIENT_ID, "HTTP/2", "POST")
+    assert allowed["bytes_out"] > 0
+    assert (denied["path"], denied["status"], denied["error"]) == ("/meshtest.Echo/ClientStream", 403, "Forbidden")

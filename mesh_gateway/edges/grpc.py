@@ -243,6 +243,7 @@ class GrpcEdge:
     async def _relay(self, call: UpstreamCall, exchange: Exchange, requests: AsyncIterator[bytes],
                      context: Context, span: Span) -> grpc.StatusCode:
         sender = asyncio.ensure_future(call.send_all(self._count(requests, exchange)))
+        sender.add_done_callback(_quietly)
         try:
             await context.send_initial_metadata(response_metadata(await call.initial_metadata()))
             async for message in call.receive():
@@ -266,7 +267,9 @@ class GrpcEdge:
             yield message
 
     def _finish(self, exchange: Exchange, code: grpc.StatusCode) -> None:
-        exchange.status = 200  # gRPC answers HTTP 200; the outcome is the grpc status on the span
+        # On the wire a gRPC call is always HTTP 200; logs and metrics get the HTTP status of the gateway's own
+        # refusal (403, 404, 502, ...) so they read like HTTP's, and the grpc code is on the span.
+        exchange.status = exchange.error.status if exchange.error is not None else 200
         exchange.span.set("rpc.grpc.status_code", code.value[0])
         exchange.span.end()
         for hook in self.on_complete:
@@ -274,6 +277,13 @@ class GrpcEdge:
                 hook(exchange)
             except Exception:  # a broken log sink must not break calls
                 log.exception("completion hook failed")
+
+
+def _quietly(task: asyncio.Future[None]) -> None:
+    # The client's request stream can end in an error when the client goes away; the call's own outcome (or its
+    # cancellation) already reports that, so the sender's exception is only collected, not raised again.
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("gRPC request stream ended: %r", task.exception())
 
 
 class _Handler(_HandlerBase):
