@@ -15,6 +15,8 @@ from aiohttp import web
 
 from mesh_gateway import __version__
 from mesh_gateway import config as cfg
+from mesh_gateway.authz import build as authz_build
+from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
@@ -85,6 +87,13 @@ class Gateway:
                                      service_version=__version__, instance_id=uuid.uuid4().hex)
         except cfg.ConfigError as exc:
             raise StartupError(str(exc)) from None
+        self.authz: authz_build.BuiltAuthz | None = None
+        if authorizer is None:
+            try:
+                self.authz = authz_build.build(config, lambda: self.gateway_id)
+            except PolicyError as exc:
+                raise StartupError(f"authz: {exc}") from None
+            authorizer = self.authz.authorizer if self.authz else None
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         elif self.metrics is not None:
@@ -96,6 +105,8 @@ class Gateway:
         add_telemetry_views(self.admin, config=config, routes=self.routes, metrics=self.metrics)
         if self.metrics is not None:
             self._register_gauges(self.metrics)
+        if self.authz is not None:
+            self.admin.add_json_view("/policies", self.authz.view)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.grpc_edges: list[GrpcEdge] = []
@@ -184,6 +195,8 @@ class Gateway:
         if self.metrics is not None:
             metrics = self.metrics
             self.supervisor.start("discovery-age", lambda: self._track_discovery(metrics))
+        if self.authz is not None and self.authz.embedded is not None:
+            self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -227,6 +240,8 @@ class Gateway:
             self.access_log.close()
         # Export runs on its own thread; the flush at shutdown is bounded by tracing.shutdown_timeout_s.
         await asyncio.to_thread(self.tracer.shutdown)
+        if self.authz is not None:
+            await self.authz.authorizer.close()
 
 
 async def run_until_signalled(gateway: Gateway) -> int:

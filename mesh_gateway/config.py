@@ -178,6 +178,52 @@ class RouteMatch(Model):
         return self
 
 
+_QUERY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def normalise_query(value: Any) -> str:
+    """`envoy.authz.allow`, `envoy/authz/allow` and `data.envoy.authz.allow` all name the same rule."""
+    text = str(value).strip().replace("/", ".")
+    text = text if text.startswith("data.") else f"data.{text}"
+    if not _QUERY.match(text):
+        raise ValueError("expected a rule path such as data.envoy.authz.allow")
+    return text
+
+
+RegoQuery = Annotated[str, BeforeValidator(normalise_query)]
+
+
+class RouteAuthzCache(Model):
+    ttl_s: float = Field(default=5.0, gt=0, le=3600)
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    headers: tuple[str, ...] = ()
+    """Request headers whose values join the cache key (lower-cased)."""
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+def _route_authz_shorthand(value: Any) -> Any:
+    return {"disabled": True} if value == "disabled" else value
+
+
+class RouteAuthz(Model):
+    disabled: bool = False
+    failure_mode_allow: bool = False
+    dry_run: bool = False
+    query: RegoQuery | None = None
+    include_body_bytes: int = Field(default=0, ge=0, le=1024 * 1024)
+    cache: RouteAuthzCache | None = None
+
+    @model_validator(mode="after")
+    def _body_not_cached(self) -> RouteAuthz:
+        if self.cache is not None and self.include_body_bytes:
+            raise ValueError("cache cannot be combined with include_body_bytes (the body is not in the cache key)")
+        return self
+
+
 class Route(Model):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: RouteMatch = RouteMatch()
@@ -187,6 +233,7 @@ class Route(Model):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     max_body_bytes: int | None = Field(default=None, ge=0)
     retries: int = Field(default=1, ge=0, le=5)
+    authz: Annotated[RouteAuthz, BeforeValidator(_route_authz_shorthand)] = RouteAuthz()
 
 
 class Limits(Model):
@@ -313,6 +360,41 @@ class Telemetry(Model):
     metrics: Metrics = Metrics()
 
 
+class OpaServer(Model):
+    url: str = Field(pattern=r"^https?://[^/]+(/.*)?$")
+    timeout_ms: int = Field(default=200, ge=1, le=60_000)
+    ca_file: Path | None = None
+    pool_size: int = Field(default=64, ge=1, le=4096)
+
+
+class DecisionLogConfig(Model):
+    sink: str = "stderr"
+    """`stderr`, `off`, or a file path (appended to)."""
+    redact_headers: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization", "set-cookie")
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+class Authz(Model):
+    engine: Literal["embedded", "opa", "none"] = "embedded"
+    policies: Path = Path("policies")
+    query: RegoQuery = "data.envoy.authz.allow"
+    rego_version: Literal["v1", "v0"] = "v1"
+    reload_poll_s: float = Field(default=0.25, gt=0, le=1.0)
+    opa: OpaServer | None = None
+    dry_run: bool = False
+    decision_log: DecisionLogConfig = DecisionLogConfig()
+
+    @model_validator(mode="after")
+    def _opa_needs_server(self) -> Authz:
+        if self.engine == "opa" and self.opa is None:
+            raise _KeyError(("authz", "opa"), "required when engine is 'opa'")
+        return self
+
+
 class GatewayConfig(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
     listeners: tuple[Listener, ...] = Field(min_length=1)
@@ -325,6 +407,8 @@ class GatewayConfig(Model):
     protocols: Protocols = Protocols()
     drain_timeout_s: float = Field(default=15.0, ge=0)
     telemetry: Telemetry = Telemetry()
+    authz: Authz | None = None
+    """Absent → no authorization at all (logged loudly at start-up)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
@@ -433,4 +517,15 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
         "tracing": telemetry.tracing.model_copy(update={"ca_file": fix(telemetry.tracing.ca_file)}),
         "access_log": log if log.path == "-" else log.model_copy(update={"path": str(fix(Path(log.path)))}),
     })
-    return config.model_copy(update={"listeners": listeners, "identity": identity, "telemetry": telemetry})
+    update: dict[str, Any] = {"listeners": listeners, "identity": identity, "telemetry": telemetry}
+    if config.authz is not None:
+        opa = config.authz.opa
+        if opa is not None:
+            opa = opa.model_copy(update={"ca_file": fix(opa.ca_file)})
+        sink = config.authz.decision_log.sink
+        if sink not in ("stderr", "off") and not Path(sink).is_absolute():
+            sink = str(base / sink)
+        update["authz"] = config.authz.model_copy(update={
+            "policies": fix(config.authz.policies), "opa": opa,
+            "decision_log": config.authz.decision_log.model_copy(update={"sink": sink})})
+    return config.model_copy(update=update)

@@ -108,6 +108,6 @@ class DenyMethods:
         self.denied = frozenset(denied)
         self.seen: list[RequestInfo] = []
 
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange, body: object = None) -> Decision:
         self.seen.append(info)
         return Decision(allowed=info.path not in self.denied, engine="test", decision_id=f"d{len(self.seen)}")

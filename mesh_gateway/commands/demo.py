@@ -19,6 +19,7 @@ from mesh_gateway.model import SpiffeId
 TRUST_DOMAIN = "mesh.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/demo-client"
 UPSTREAM_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/web"
+DEMO_POLICIES = Path(__file__).resolve().parent.parent / "demo" / "policies"
 log = logging.getLogger("mesh_gateway.demo")
 
 
@@ -66,6 +67,7 @@ def demo_config(directory: Path, listen: str, upstream_port: int, admin: str,
         "routes": [{"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
         "telemetry": {"service_name": "mesh-gateway", "tracing": tracing},
+        "authz": {"policies": str(DEMO_POLICIES)},
     })
 
 

@@ -39,6 +39,11 @@ def route_from_config(route: cfg.Route, limits: cfg.Limits) -> Route:
         idle_timeout_s=route.idle_timeout_s,
         max_body_bytes=route.max_body_bytes if route.max_body_bytes is not None else limits.max_body_bytes,
         retries=route.retries,
+        authz_enabled=not route.authz.disabled,
+        authz_failure_mode_allow=route.authz.failure_mode_allow,
+        authz_dry_run=route.authz.dry_run,
+        authz_query=route.authz.query,
+        authz_include_body_bytes=route.authz.include_body_bytes,
     )
     return Route(name=route.name, match=match, service=route.service, policy=policy)
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mesh_gateway.errors import UpstreamIdentityMismatch, UpstreamUnavailable
-from mesh_gateway.model import Decision, RequestInfo, Route
+from mesh_gateway.model import BodyPrefix, Decision, RequestInfo, Route
 from mesh_gateway.telemetry.semconv import KNOWN_METHODS
 
 if TYPE_CHECKING:
@@ -169,11 +169,13 @@ class MeteredAuthorizer:
         self._inner = inner
         self._metrics = metrics
 
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
         started = time.perf_counter()
         result = "error"
         try:
-            decision = await self._inner.check(info, route, exchange)
+            decision = await (self._inner.check(info, route, exchange) if body is None
+                              else self._inner.check(info, route, exchange, body))
             result = "allow" if decision.allowed else "deny"
             return decision
         finally:

@@ -53,8 +53,9 @@ class SpiffeConnector(aiohttp.TCPConnector):
         return protocol
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the request body stream; unwrapped to PayloadTooLarge by the forwarder."""
+class BodyTooLarge(PayloadTooLarge):
+    """Raised inside the request body stream; a PayloadTooLarge (413) wherever it surfaces, including while the
+    pipeline buffers a body prefix for a policy."""
 
 
 class HttpForwarder:
