@@ -14,10 +14,13 @@ import grpc
 import grpc.aio
 from grpc_tools import protoc
 
+from mesh_gateway import config as cfg
 from mesh_gateway.model import Credentials, Decision, RequestInfo, Route
 from mesh_gateway.pipeline import Exchange
+from tests.support import gateway_config
 
 PROTOS = Path(__file__).parent / "protos"
+ECHO_ID = "spiffe://mesh.local/ns/default/sa/echo"
 
 
 def compile_echo(out: Path) -> tuple[ModuleType, ModuleType]:
@@ -111,3 +114,18 @@ class DenyMethods:
     async def check(self, info: RequestInfo, route: Route, exchange: Exchange, body: object = None) -> Decision:
         self.seen.append(info)
         return Decision(allowed=info.path not in self.denied, engine="test", decision_id=f"d{len(self.seen)}")
+
+
+def grpc_config(ca_dir: Path, port: int, *, spiffe_id: str = ECHO_ID, client_auth: str = "required",
+                **extra: Any) -> cfg.GatewayConfig:
+    return gateway_config(
+        ca_dir, {"echo": [{"address": "127.0.0.1", "port": port, "spiffe_id": spiffe_id}]},
+        listeners=[{"name": "grpc", "address": "127.0.0.1:0", "protocol": "grpc",
+                    "tls": {"client_auth": client_auth}}],
+        routes=[{"name": "echo", "match": {"grpc": {"service": "meshtest.Echo"}}, "service": "echo"}],
+        **extra)
+
+
+def stub(gw: Any, ca: Any, creds: Any, pb_grpc: ModuleType) -> tuple[grpc.aio.Channel, Any]:
+    channel = client_channel(gw.addresses["grpc"], ca.bundle_pem, creds)
+    return channel, pb_grpc.EchoStub(channel)

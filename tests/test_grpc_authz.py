@@ -10,9 +10,8 @@ import grpc
 import grpc.aio
 import pytest
 
-from tests.grpc_support import EchoUpstream, compile_echo, start_echo_upstream
+from tests.grpc_support import ECHO_ID, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
 from tests.support import issue, running
-from tests.test_grpc_proxy import ECHO_ID, grpc_config, stub
 
 POLICY = '''package envoy.authz
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -15,10 +14,16 @@ import pytest
 from cryptography import x509
 
 from mesh_gateway import config as cfg
-from tests.grpc_support import DenyMethods, EchoUpstream, client_channel, compile_echo, start_echo_upstream
+from tests.grpc_support import (
+    ECHO_ID,
+    DenyMethods,
+    EchoUpstream,
+    compile_echo,
+    grpc_config,
+    start_echo_upstream,
+    stub,
+)
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running
-
-ECHO_ID = "spiffe://mesh.local/ns/default/sa/echo"
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +36,6 @@ async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
     upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
     yield upstream
     await upstream.close()
-
-
-def grpc_config(ca_dir: Path, port: int, *, spiffe_id: str = ECHO_ID, client_auth: str = "required",
-                **extra: Any) -> cfg.GatewayConfig:
-    return gateway_config(
-        ca_dir, {"echo": [{"address": "127.0.0.1", "port": port, "spiffe_id": spiffe_id}]},
-        listeners=[{"name": "grpc", "address": "127.0.0.1:0", "protocol": "grpc",
-                    "tls": {"client_auth": client_auth}}],
-        routes=[{"name": "echo", "match": {"grpc": {"service": "meshtest.Echo"}}, "service": "echo"}],
-        **extra)
-
-
-def stub(gw: Any, ca: Any, creds: Any, pb_grpc: ModuleType) -> tuple[grpc.aio.Channel, Any]:
-    channel = client_channel(gw.addresses["grpc"], ca.bundle_pem, creds)
-    return channel, pb_grpc.EchoStub(channel)
 
 
 async def test_unary_reaches_upstream_as_gateway_with_metadata_both_ways(ca, ca_dir, echo, protos, client_creds):

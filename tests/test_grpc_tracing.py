@@ -11,9 +11,8 @@ import grpc.aio
 import pytest
 
 from tests.fakes.otlp import OtlpReceiver
-from tests.grpc_support import DenyMethods, EchoUpstream, compile_echo, start_echo_upstream
+from tests.grpc_support import ECHO_ID, DenyMethods, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
 from tests.support import CLIENT_ID, issue, running
-from tests.test_grpc_proxy import ECHO_ID, grpc_config, stub
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
