@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_gateway.authz.input import UnsafePath, build_input, normalise_path, parse_body
+from mesh_gateway.authz.input import build_input, parse_body
 from mesh_gateway.model import BodyPrefix, PeerCert, RequestInfo, Route, RouteMatch, SpiffeId
+from mesh_gateway.paths import UnsafePath, normalise_path
 
 CLIENT = SpiffeId.parse("spiffe://mesh.local/ns/default/sa/client")
 GATEWAY = SpiffeId.parse("spiffe://mesh.local/ns/default/sa/gateway")

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mesh_gateway.authz.cache import CacheSettings, DecisionCache, cache_key
 from mesh_gateway.authz.decision import DecisionError, parse_decision
 from mesh_gateway.authz.decision_log import DecisionLog, DecisionRecord
-from mesh_gateway.authz.input import UnsafePath, build_input, normalise_path
+from mesh_gateway.authz.input import build_input
 from mesh_gateway.authz.rego import EngineError
 from mesh_gateway.errors import AuthzUnavailable, BadRequest, Forbidden
 from mesh_gateway.model import ALLOW_UNCHECKED, BodyPrefix, Decision, RequestInfo, Route, SpiffeId
+from mesh_gateway.paths import UnsafePath, normalise_path
 
 if TYPE_CHECKING:  # authz and pipeline are siblings; only the type is shared
     from mesh_gateway.pipeline import Exchange

@@ -16,6 +16,7 @@ from aiohttp.web_exceptions import HTTPException
 
 from mesh_gateway.config import Limits
 from mesh_gateway.errors import (
+    BadRequest,
     GatewayError,
     HeadersTooLarge,
     PayloadTooLarge,
@@ -25,6 +26,7 @@ from mesh_gateway.errors import (
 )
 from mesh_gateway.identity.tls import peer_spiffe_id
 from mesh_gateway.model import PeerCert, RequestInfo, Response
+from mesh_gateway.paths import UnsafePath, normalise_path
 from mesh_gateway.pipeline import Exchange, Pipeline, error_response
 from mesh_gateway.spiffe import IdentityError
 from mesh_gateway.upstream.http import BodyTooLarge
@@ -115,7 +117,12 @@ class HttpEdge:
             headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
         if size > limits.max_header_bytes:
             raise HeadersTooLarge(f"{size} bytes of headers")
-        path, _, query = raw_path.partition("?")
+        raw, _, query = raw_path.partition("?")
+        try:
+            # One path for routing, policy and upstream: see mesh_gateway/paths.py.
+            path = normalise_path(raw).path
+        except UnsafePath as exc:
+            raise BadRequest(str(exc), public_message="ambiguous request path") from None
         transport = request.transport
         peer = transport_peer(transport)
         client = transport.get_extra_info("peername") if transport else None
