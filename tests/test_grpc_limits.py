@@ -112,3 +112,15 @@ async def test_plain_upstream_endpoint_is_reached_without_tls(ca, ca_dir, protos
         await plain.close()
     assert reply.text == "CLEAR"
     assert reply.caller == ""  # no TLS on that leg, so no gateway certificate either
+
+
+async def test_method_names_that_are_not_service_and_method_are_unimplemented(ca, ca_dir, echo, protos,
+                                                                             client_creds):
+    async with running(grpc_config(ca_dir, echo.port)) as gw:
+        channel, _ = stub(gw, ca, client_creds, protos[1])
+        async with channel:
+            odd = channel.unary_unary("/meshtest.Echo/../Unary")
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await odd(b"", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert echo.calls == []

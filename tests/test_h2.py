@@ -122,3 +122,14 @@ async def test_stop_drains_in_flight_h2_streams(ca, ca_dir, web_upstream, client
         await gw.stop()
     assert resp.status_code == 200
     assert resp.http_version == "HTTP/2"
+
+
+async def test_h2_paths_are_normalised_before_routing_and_policy(ca, ca_dir, web_upstream, client_creds):
+    config = gateway_config(ca_dir, web_catalog(web_upstream))
+    async with running(config, authorizer=DenyMethods("/admin")) as gw, h2_client(ca, client_creds) as client:
+        sneaky = await client.get(url(gw, "/public/%2e%2e/admin"))
+        encoded_slash = await client.get(url(gw, "/public/..%2Fadmin"))
+        fine = await client.get(url(gw, "/public/./x"))
+    assert (sneaky.http_version, sneaky.status_code) == ("HTTP/2", 403)
+    assert encoded_slash.status_code == 400
+    assert fine.json()["path"] == "/public/x"

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,9 @@ else:
 # protocol, pseudo-headers are HTTP/2's.
 _RESERVED = frozenset({"te", "content-type", "user-agent", "host", "grpc-timeout", "grpc-encoding",
                        "grpc-accept-encoding", "grpc-status", "grpc-message", "grpc-status-details-bin"})
+
+
+_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*/[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _reserved(name: str) -> bool:
@@ -292,8 +296,10 @@ class _Handler(_HandlerBase):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method: str = handler_call_details.method
-        if not method.startswith("/") or method.count("/") != 2:
-            return None  # grpc answers UNIMPLEMENTED
+        if not _METHOD.fullmatch(method):
+            # Not /package.Service/Method: grpc answers UNIMPLEMENTED. Being strict here means the path routes
+            # and policies see has exactly one spelling (no escapes, dots or extra slashes to normalise).
+            return None
         edge = self._edge
 
         async def behaviour(requests: AsyncIterator[bytes], context: Context) -> None:

@@ -23,17 +23,15 @@ import h2.exceptions
 import h2.settings
 
 from mesh_gateway.config import Http2Settings
-from mesh_gateway.edges.http import HttpEdge, adopt_request_id, internal_error, transport_peer
+from mesh_gateway.edges.h2_info import rejected_info, request_info
+from mesh_gateway.edges.http import HttpEdge, adopt_request_id, internal_error
 from mesh_gateway.errors import (
     GatewayError,
-    HeadersTooLarge,
-    PayloadTooLarge,
     RequestTimeout,
-    UriTooLong,
     as_gateway_error,
 )
 from mesh_gateway.headers import HOP_BY_HOP
-from mesh_gateway.model import RequestInfo, Response
+from mesh_gateway.model import Response
 from mesh_gateway.pipeline import Exchange, error_response
 from mesh_gateway.upstream.http import BodyTooLarge
 
@@ -234,10 +232,10 @@ class H2Protocol(asyncio.Protocol):
             await self._send_headers(stream, _GRPC_ELSEWHERE, end_stream=True)
             return
         try:
-            info = self._request_info(pseudo, fields, request_id)
+            info = request_info(self._edge, self._transport, pseudo, fields, request_id)
         except GatewayError as error:
             # Refused before routing (414/431/413/401): still logged, counted and traced, like HTTP/1.1.
-            rejected = Exchange(self._rejected_info(pseudo, request_id), error=error)
+            rejected = Exchange(rejected_info(self._edge, self._transport, pseudo, request_id), error=error)
             rejected.span = self._edge.pipeline.tracer.ingress(rejected.info)
             rejected.span.fail(error)
             await self._respond(stream, error_response(error, request_id), rejected)
@@ -251,45 +249,6 @@ class H2Protocol(asyncio.Protocol):
             exchange.error = as_gateway_error(exc)
             exchange.span.fail(exchange.error)
         await self._respond(stream, response, exchange)
-
-    def _request_info(self, pseudo: dict[str, str], fields: list[tuple[str, str]], request_id: str) -> RequestInfo:
-        limits = self._limits
-        method, target = pseudo.get(":method", ""), pseudo.get(":path", "")
-        if len(target) + len(method) + 12 > limits.max_request_line_bytes:
-            raise UriTooLong(f"request target of {len(target)} bytes")
-        if len(fields) > limits.max_headers:
-            raise HeadersTooLarge(f"{len(fields)} header fields")
-        size = sum(len(k) + len(v) + 4 for k, v in fields)
-        if size > limits.max_header_bytes:
-            raise HeadersTooLarge(f"{size} bytes of headers")
-        length_text = next((v for k, v in fields if k == "content-length"), None)
-        content_length = int(length_text) if length_text is not None and length_text.isdigit() else None
-        if content_length is not None and content_length > limits.max_body_bytes:
-            raise PayloadTooLarge(f"declared body of {content_length} bytes")
-        transport = self._transport
-        client = transport.get_extra_info("peername") if transport else None
-        local = transport.get_extra_info("sockname") if transport else None
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        path, _, query = target.partition("?")
-        return RequestInfo(
-            method=method, path=path, query=query,
-            host=pseudo.get(":authority") or next((v for k, v in fields if k == "host"), ""),
-            scheme=self._edge.scheme, headers=tuple(fields),
-            client_address=client[0] if client else "", client_port=client[1] if client else 0,
-            request_id=request_id, protocol="HTTP/2", listener=self._edge.name,
-            local_address=local[0] if local else "", local_port=local[1] if local else 0,
-            peer=transport_peer(transport), sni=ssl_object.server_hostname if ssl_object is not None else None,
-            content_length=content_length,
-        )
-
-    def _rejected_info(self, pseudo: dict[str, str], request_id: str) -> RequestInfo:
-        """What may safely be kept of a request that broke a limit: no headers, a bounded path, no query."""
-        client = self._transport.get_extra_info("peername") if self._transport else None
-        return RequestInfo(
-            method=pseudo.get(":method", "")[:16], path=pseudo.get(":path", "").partition("?")[0][:256], query="",
-            host=pseudo.get(":authority", "")[:256], scheme=self._edge.scheme, headers=(),
-            client_address=client[0] if client else "", client_port=client[1] if client else 0,
-            request_id=request_id, protocol="HTTP/2", listener=self._edge.name)
 
     async def _body(self, stream: _Stream, exchange: Exchange) -> AsyncIterator[bytes]:
         limits = self._limits
