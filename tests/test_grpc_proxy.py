@@ -23,7 +23,7 @@ from tests.grpc_support import (
     start_echo_upstream,
     stub,
 )
-from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running
+from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running, write_credentials
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,19 @@ def test_grpc_match_excludes_path_matches(ca_dir):
                        routes=[{"name": "r", "service": "echo",
                                 "match": {"grpc": {"service": "a.B"}, "path_prefix": "/x"}}])
     assert "routes[0].match" in str(failed.value)
+
+
+async def test_listener_with_its_own_certificate_serves_it(ca, ca_dir, echo, protos, client_creds, tmp_path):
+    pb, pb_grpc = protos
+    edge_creds = issue(ca, "spiffe://mesh.local/ns/edge/sa/public")
+    cert, key = write_credentials(edge_creds, tmp_path, "edge")
+    config = grpc_config(ca_dir, echo.port)
+    listener = config.listeners[0].model_copy(update={"tls": cfg.ListenerTls(cert=cert, key=key,
+                                                                             client_auth="required")})
+    async with running(config.model_copy(update={"listeners": (listener,)})) as gw:
+        served = await asyncio.to_thread(_serving_serial, gw.addresses["grpc"], ca.bundle_pem, client_creds)
+        channel, client = stub(gw, ca, client_creds, pb_grpc)
+        async with channel:
+            reply = await client.Unary(pb.Msg(text="own cert"), timeout=10)
+    assert served == edge_creds.serial
+    assert reply.caller == GATEWAY_ID  # the upstream leg still uses the gateway's SVID
