@@ -66,8 +66,7 @@ class HttpForwarder:
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
 
-    def session(self) -> aiohttp.ClientSession:
-        """The shared session (SpiffeConnector); the WebSocket dialer opens its upgrades on it too."""
+    def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = SpiffeConnector(limit=0, limit_per_host=self._pool_size,
                                         keepalive_timeout=self._keepalive_s, enable_cleanup_closed=False)
@@ -82,6 +81,7 @@ class HttpForwarder:
             self._session = None
 
     def ssl_context_for(self, endpoint: Endpoint) -> UpstreamContext | bool:
+        """The TLS context for `endpoint` (False for plain); shared with the WebSocket dialer."""
         if endpoint.tls == "plain":
             return False
         version = self._credentials.version
@@ -108,7 +108,7 @@ class HttpForwarder:
         policy = route.policy
         timeout = aiohttp.ClientTimeout(total=None, connect=policy.connect_timeout_s,
                                         sock_read=policy.idle_timeout_s)
-        session = self.session()
+        session = self._session_for_loop()
         try:
             async with asyncio.timeout(policy.timeout_s):
                 upstream = await session.request(
