@@ -23,7 +23,11 @@ from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
+from mesh_gateway.edges.alpn import AlpnSite
+from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
+from mesh_gateway.edges.h2 import H2Server
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
@@ -33,7 +37,9 @@ from mesh_gateway.supervisor import Supervisor
 from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import MeteredAuthorizer, Metrics
 from mesh_gateway.telemetry.tracing import OtelTracer
+from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.upstream.websocket import WebSocketDialer
 from mesh_gateway.watch import Watch
 
 log = logging.getLogger("mesh_gateway")
@@ -113,6 +119,8 @@ class Gateway:
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
+        self.websocket_dialer = WebSocketDialer(self.forwarder, config.protocols.websocket)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
         try:
@@ -143,6 +151,7 @@ class Gateway:
             self.admin.add_json_view("/policies", self.authz.view)
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
+        self.grpc_edges: list[GrpcEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._runners: list[web.BaseRunner] = []
         self._started = False
@@ -177,7 +186,13 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.record(exchange, duration_s)
 
-    def _server_tls(self, tls: cfg.ListenerTls) -> ServerTls:
+    def _server_tls(self, tls: cfg.ListenerTls, *, http2: bool = False) -> ServerTls:
+        static_chain, client_ca = self._listener_files(tls)
+        return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
+                         static_chain=static_chain, client_ca_pem=client_ca,
+                         alpn=("h2", "http/1.1") if http2 else ("http/1.1",))
+
+    def _listener_files(self, tls: cfg.ListenerTls) -> tuple[tuple[bytes, bytes] | None, bytes | None]:
         static_chain = None
         if tls.cert is not None and tls.key is not None:
             try:
@@ -190,20 +205,27 @@ class Gateway:
                 client_ca = Path(tls.client_ca).read_bytes()
             except OSError as exc:
                 raise StartupError(f"listener client_ca: {exc}") from None
-        return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
-                         static_chain=static_chain, client_ca_pem=client_ca)
+        return static_chain, client_ca
 
     async def start(self) -> None:
         """Bind every listener and the admin port; the gateway is serving when this returns."""
         for listener in self.config.listeners:
+            if listener.protocol == "grpc":
+                await self._start_grpc(listener)
+                continue
             edge = HttpEdge(name=listener.name, pipeline=self.pipeline, limits=self.config.limits,
                             tls=listener.tls is not None, on_complete=[self._completed])
-            server_tls = self._server_tls(listener.tls) if listener.tls else None
-            runner, address = await serve_edge(edge, listener.address, server_tls.front if server_tls else None,
-                                               shutdown_timeout_s=self.config.drain_timeout_s)
+            if self.config.protocols.websocket.enabled:
+                edge.websockets = WebSocketProxy(self.pipeline, self.websocket_dialer, self.config.protocols.websocket)
+            server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
+            runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
+            await runner.setup()
+            sock = bind(listener.address)
+            site = self._http_site(listener, runner, sock, edge, server_tls)
+            await site.start()
             self._runners.append(runner)
             self.edges.append(edge)
-            self.addresses[listener.name] = address
+            self.addresses[listener.name] = sock.getsockname()[:2]
         admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
         self._runners.append(admin_runner)
         if self.access_log is not None:
@@ -221,13 +243,41 @@ class Gateway:
     def drain_timeout_s(self) -> float:
         return self.config.drain_timeout_s
 
+    def _http_site(self, listener: cfg.Listener, runner: web.BaseRunner, sock: socket.socket, edge: HttpEdge,
+                   server_tls: ServerTls | None) -> web.BaseSite:
+        if server_tls is None or not listener.http2:
+            return web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
+        # ALPN picks the protocol per connection: h2 → edges/h2.py, http/1.1 → aiohttp (docs/protocols.md).
+        return AlpnSite(runner, sock, ssl_context=server_tls.front, drain_timeout_s=self.config.drain_timeout_s,
+                        h2_server=H2Server(edge, self.config.protocols.http2))
+
+    async def _start_grpc(self, listener: cfg.Listener) -> None:
+        edge = GrpcEdge(name=listener.name, pipeline=self.pipeline, forwarder=self.grpc_forwarder,
+                        settings=self.config.protocols.grpc, tls=listener.tls is not None,
+                        on_complete=[self._completed])
+        credentials = None
+        if listener.tls is not None:
+            static_chain, client_ca = self._listener_files(listener.tls)
+            required = listener.tls.client_auth == "required"
+            credentials = ServerCredentials(self.credentials, require_client_cert=required,
+                                            static_chain=static_chain, client_ca_pem=client_ca).build()
+        try:
+            self.addresses[listener.name] = await edge.start(listener.address, credentials)
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(f"cannot listen on {listener.address}: {exc}") from None
+        self.grpc_edges.append(edge)
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
         self._started = False
-        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners),
+                             *(edge.stop(self.config.drain_timeout_s) for edge in self.grpc_edges))
         self._runners.clear()
+        self.grpc_edges.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        await self.grpc_forwarder.close()
+        await self.websocket_dialer.close()
         if self.access_log is not None:
             self.access_log.close()
         # Export runs on its own thread; the flush at shutdown is bounded by tracing.shutdown_timeout_s.

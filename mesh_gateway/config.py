@@ -93,6 +93,10 @@ class Listener(Model):
     address: HostPort
     tls: ListenerTls | None = None
     """Omitted → plain HTTP (for local use behind another load balancer)."""
+    protocol: Literal["http", "grpc"] = "http"
+    """http: HTTP/1.1 + WebSocket, and HTTP/2 via ALPN on TLS; grpc: a grpc.aio server (see docs/protocols.md)."""
+    http2: bool = True
+    """Offer `h2` in ALPN next to `http/1.1` (TLS http listeners only)."""
 
 
 class Identity(Model):
@@ -126,6 +130,13 @@ class Catalog(Model):
     static: dict[str, tuple[StaticEndpoint, ...]] = Field(default_factory=dict)
 
 
+class GrpcMatch(Model):
+    service: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+    """Fully qualified service name, e.g. `pkg.Service`."""
+    method: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Omitted → every method of the service."""
+
+
 class RouteMatch(Model):
     host: str = "*"
     path_prefix: str | None = None
@@ -133,6 +144,7 @@ class RouteMatch(Model):
     path_regex: str | None = None
     methods: tuple[str, ...] = ()
     headers: dict[str, str] = Field(default_factory=dict)
+    grpc: GrpcMatch | None = None
 
     @field_validator("path_prefix", "path")
     @classmethod
@@ -161,6 +173,8 @@ class RouteMatch(Model):
         given = [k for k in ("path_prefix", "path", "path_regex") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of path_prefix, path, path_regex (got {', '.join(given)})")
+        if self.grpc is not None and given:
+            raise ValueError(f"grpc matches on /service/method already; drop {given[0]}")
         return self
 
 
@@ -235,6 +249,38 @@ class Upstream(Model):
     connect_timeout_s: float = Field(default=2.0, gt=0)
     pool_size: int = Field(default=256, ge=1)
     keepalive_s: float = Field(default=30.0, gt=0)
+
+
+class GrpcSettings(Model):
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest single message accepted from a client or an upstream."""
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    """Per grpc listener; beyond it calls fail fast with RESOURCE_EXHAUSTED."""
+    max_channels: int = Field(default=256, ge=1)
+    """Upstream channels kept (one per endpoint and credentials generation); the least recently used goes first."""
+    channel_grace_s: float = Field(default=30.0, gt=0)
+    """How long calls on a channel retired by rotation may run on before they are cancelled."""
+
+
+class Http2Settings(Model):
+    max_concurrent_streams: int = Field(default=100, ge=1)
+    initial_window_bytes: int = Field(default=1024 * 1024, ge=65535, le=2**31 - 1)
+    """Per-stream receive window: how much request body is buffered before the client must wait."""
+
+
+class WebSocketSettings(Model):
+    enabled: bool = True
+    max_message_bytes: int = Field(default=1024 * 1024, ge=125)
+    """Larger messages close the side that sent them with 1009 (message too big)."""
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    """No message either way for this long closes both sides with 1001 (going away)."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class Protocols(Model):
+    grpc: GrpcSettings = GrpcSettings()
+    http2: Http2Settings = Http2Settings()
+    websocket: WebSocketSettings = WebSocketSettings()
 
 
 class Admin(Model):
@@ -358,6 +404,7 @@ class GatewayConfig(Model):
     admin: Admin = Admin()
     limits: Limits = Limits()
     upstream: Upstream = Upstream()
+    protocols: Protocols = Protocols()
     drain_timeout_s: float = Field(default=15.0, ge=0)
     telemetry: Telemetry = Telemetry()
     authz: Authz | None = None
@@ -371,6 +418,11 @@ class GatewayConfig(Model):
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise _KeyError(("listeners", index, "name"), f"duplicate listener name {name!r}")
+        for index, listener in enumerate(self.listeners):
+            # grpcio's server credentials either require a client certificate or never ask for one.
+            if listener.protocol == "grpc" and listener.tls is not None and listener.tls.client_auth == "optional":
+                raise _KeyError(("listeners", index, "tls", "client_auth"),
+                                "a grpc listener supports 'required' or 'none', not 'optional'")
         route_names = [route.name for route in self.routes]
         for index, route in enumerate(self.routes):
             if route_names.index(route.name) != index:

@@ -197,22 +197,20 @@ class Pipeline:
         """Never raises a GatewayError: it becomes the response, recorded on the exchange and span."""
         info = exchange.info
         try:
-            route = exchange.route = self._routes.get().match(info)
-            exchange.span.rename(f"{info.method} {route.name}")
-            exchange.span.set("http.route", route.name)
+            route = self.route(exchange)
             if route.policy.authz_enabled and route.policy.authz_include_body_bytes:
                 prefix, body = await buffer_prefix(body, route.policy.authz_include_body_bytes)
             else:
                 prefix = None
-            decision = exchange.decision = await self._authorize(info, route, exchange, prefix)
+            decision = await self.admit(exchange, prefix)
             if not decision.allowed:
                 return denied_response(decision, info.request_id)
-            endpoint = exchange.endpoint = self._picker.pick(route, self._catalog.get(), exchange)
+            endpoint = exchange.endpoint
+            assert endpoint is not None  # set by admit() on allow
             request = UpstreamRequest(
                 method=info.method,
                 target=info.target,
-                headers=hdrs.upstream_request_headers(info, self._gateway_id(), add=decision.headers,
-                                                      remove=decision.request_headers_to_remove),
+                headers=self.upstream_headers(exchange),
                 body=body,
                 host=info.host,
             )
@@ -224,6 +222,33 @@ class Pipeline:
             exchange.error = error
             exchange.span.fail(error)
             return error_response(error, info.request_id)
+
+    def route(self, exchange: Exchange) -> Route:
+        """Match the request to a route (NotFound otherwise) and name the span after it."""
+        info = exchange.info
+        route = exchange.route = self._routes.get().match(info)
+        exchange.span.rename(f"{info.method} {route.name}")
+        exchange.span.set("http.route", route.name)
+        return route
+
+    async def admit(self, exchange: Exchange, prefix: BodyPrefix | None = None) -> Decision:
+        """Route (unless already routed) and authorize; on allow also pick the endpoint. Raises GatewayError.
+
+        Shared by every edge: HTTP requests continue in handle(); gRPC calls and WebSocket sessions, which are
+        not request/response shaped, take the admitted route and endpoint to their own forwarders.
+        """
+        route = exchange.route or self.route(exchange)
+        decision = exchange.decision = await self._authorize(exchange.info, route, exchange, prefix)
+        if decision.allowed:
+            exchange.endpoint = self._picker.pick(route, self._catalog.get(), exchange)
+        return decision
+
+    def upstream_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
+        """Headers (or gRPC metadata) for the upstream, after the admitted decision's additions and removals."""
+        decision = exchange.decision
+        return hdrs.upstream_request_headers(exchange.info, self._gateway_id(),
+                                             add=decision.headers if decision else (),
+                                             remove=decision.request_headers_to_remove if decision else ())
 
     async def _authorize(self, info: RequestInfo, route: Route, exchange: Exchange,
                          prefix: BodyPrefix | None) -> Decision:

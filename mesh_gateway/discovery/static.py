@@ -30,7 +30,9 @@ def route_from_config(route: cfg.Route, limits: cfg.Limits) -> Route:
     else:
         kind, path = "prefix", m.path_prefix or "/"
     match = RouteMatch(host=m.host, path_kind=kind, path=path, methods=frozenset(m.methods),  # type: ignore[arg-type]
-                       headers=tuple(sorted(m.headers.items())))
+                       headers=tuple(sorted(m.headers.items())),
+                       grpc_service=m.grpc.service if m.grpc else None,
+                       grpc_method=m.grpc.method if m.grpc else None)
     policy = RoutePolicy(
         timeout_s=route.timeout_s,
         connect_timeout_s=route.connect_timeout_s,

@@ -9,7 +9,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
@@ -37,6 +37,12 @@ CompletionHook = Callable[[Exchange], None]
 RequestRewrite = Callable[[RequestInfo], RequestInfo]
 """Turns the request as received into the request as routed (e.g. the sidecar's `/<service>/...` addressing);
 raises a GatewayError to refuse it."""
+
+
+class WebSocketHandler(Protocol):
+    def wants(self, info: RequestInfo) -> bool: ...
+    async def handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse | Response: ...
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A client's request id is adopted only if it is short and plain: it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -51,6 +57,20 @@ class HttpEdge:
         self._limits = limits
         self._scheme = "https" if tls else "http"
         self.on_complete: list[CompletionHook] = on_complete if on_complete is not None else []
+        self.websockets: WebSocketHandler | None = None
+        """Set by app.py when WebSocket proxying is enabled (edges/websocket.py)."""
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._pipeline
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
 
     def server(self) -> web.Server:
         limits = self._limits
@@ -60,9 +80,7 @@ class HttpEdge:
                           max_field_size=limits.max_header_bytes * 2, max_headers=limits.max_headers * 2)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id", "")
-        if not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex
+        request_id = adopt_request_id(request.headers.get("x-request-id"))
         try:
             info = self._request_info(request, request_id)
             if self._rewrite is not None:
@@ -74,6 +92,13 @@ class HttpEdge:
             rejected.span.fail(error)
             return await self._write(request, error_response(error, request_id), rejected)
         exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
+        if self.websockets is not None and self.websockets.wants(info):
+            # Authorized like any request, and answered with a plain HTTP error before any upgrade if refused.
+            outcome = await self.websockets.handle(request, exchange)
+            if isinstance(outcome, Response):
+                return await self._write(request, outcome, exchange)
+            self.finish(exchange, outcome.status, exchange.bytes_out)
+            return outcome
         body = self._body(request, exchange) if request.body_exists else None
         try:
             response = await self._pipeline.handle(exchange, body)
@@ -105,7 +130,7 @@ class HttpEdge:
         except UnsafePath as exc:
             raise BadRequest(str(exc), public_message="ambiguous request path") from None
         transport = request.transport
-        peer = self._peer(transport)
+        peer = transport_peer(transport)
         client = transport.get_extra_info("peername") if transport else None
         local = transport.get_extra_info("sockname") if transport else None
         content_length = request.content_length
@@ -142,19 +167,6 @@ class HttpEdge:
             request_id=request_id, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
             listener=self.name)
 
-    @staticmethod
-    def _peer(transport: Any) -> PeerCert | None:
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        if ssl_object is None:
-            return None
-        try:
-            spiffe_id = peer_spiffe_id(ssl_object)
-        except IdentityError as exc:
-            raise Unauthenticated(str(exc), public_message="client certificate must carry exactly one SPIFFE ID"
-                                  ) from None
-        if spiffe_id is None:
-            return None
-        return PeerCert(spiffe_id, ssl_object.getpeercert(binary_form=True))
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:
         if request.headers.get("expect", "").lower() == "100-continue" and request.writer is not None:
@@ -208,16 +220,39 @@ class HttpEdge:
             if not isinstance(body, bytes):
                 await body.aclose()  # type: ignore[attr-defined]
         if exchange is not None:
-            exchange.status = response.status
-            exchange.bytes_out = sent
-            exchange.span.set("http.response.status_code", response.status)
-            exchange.span.end()
-            for hook in self.on_complete:
-                try:
-                    hook(exchange)
-                except Exception:  # a broken log sink must not break requests
-                    log.exception("completion hook failed")
+            self.finish(exchange, response.status, sent)
         return out
+
+    def finish(self, exchange: Exchange, status: int, sent: int) -> None:
+        """Close the books on one exchange (any edge sharing this listener: HTTP/1.1, HTTP/2, WebSocket)."""
+        exchange.status = status
+        exchange.bytes_out = sent
+        exchange.span.set("http.response.status_code", status)
+        exchange.span.end()
+        for hook in self.on_complete:
+            try:
+                hook(exchange)
+            except Exception:  # a broken log sink must not break requests
+                log.exception("completion hook failed")
+
+
+def adopt_request_id(value: str | None) -> str:
+    return value if value and _REQUEST_ID.fullmatch(value) else uuid.uuid4().hex
+
+
+def transport_peer(transport: Any) -> PeerCert | None:
+    """The client's SPIFFE ID from the TLS transport; Unauthenticated for a certificate without exactly one."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is None:
+        return None
+    try:
+        spiffe_id = peer_spiffe_id(ssl_object)
+    except IdentityError as exc:
+        raise Unauthenticated(str(exc), public_message="client certificate must carry exactly one SPIFFE ID"
+                              ) from None
+    if spiffe_id is None:
+        return None
+    return PeerCert(spiffe_id, ssl_object.getpeercert(binary_form=True))
 
 
 def internal_error(exc: BaseException, request_id: str) -> Response:
