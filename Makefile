@@ -25,6 +25,7 @@ test: $(VENV)/.test
 	$(VENV)/bin/lint-imports
 	$(PY) -m mesh_gateway policy test policies
 	$(PY) -m mesh_gateway policy test mesh_gateway/demo/policies
+	$(PY) -m mesh_gateway policy test deploy/compose/policies
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:

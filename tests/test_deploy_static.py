@@ -91,6 +91,65 @@ def test_compose_commands_are_valid_and_their_configs_pass_check(capsys):
     assert sorted(checked) == ["gateway", "inventory-sidecar", "orders-sidecar"]
 
 
+def test_compose_configs_only_name_services_of_the_stack():
+    services = compose()["services"]
+    for name, svc in our_services().items():
+        args = parses(svc["command"])
+        if getattr(args, "config", None) is None:
+            continue
+        mounts = dict(reversed(v.split(":")[:2]) for v in svc.get("volumes", []))
+        data = yaml.safe_load((ROOT / mounts[str(args.config)]).read_text())
+        urls = [((data.get("authz") or {}).get("opa") or {}).get("url"),
+                data.get("telemetry", {}).get("tracing", {}).get("endpoint")]
+        for found in filter(None, urls):
+            host = found.split("://", 1)[1].split(":")[0].split("/")[0]
+            assert host in services, f"{name}: {found} names no service of the stack"
+
+
+def opa_policy_set() -> regorus.Engine:
+    """What the compose OPA server serves: every path on its command line, resolved through its volumes."""
+    opa = compose()["services"]["opa"]
+    mounts = dict(reversed(v.split(":")[:2]) for v in opa["volumes"])
+    roots = [arg for arg in opa["command"] if arg.startswith("/")]
+    assert roots and all(root in mounts for root in roots), "OPA loads paths that are not mounted"
+    engine = regorus.Engine()
+    for root in roots:
+        source = ROOT / mounts[root]
+        files = [source] if source.is_file() else sorted(source.rglob("*"))
+        for path in files:
+            if path.suffix == ".rego":
+                engine.add_policy(str(path.relative_to(ROOT)), path.read_text())
+            elif path.name == "data.json" and path.parent == source:
+                engine.add_data_json(path.read_text())
+    return engine
+
+
+def mesh_input(source: str, destination: str, method: str = "GET", path: str = "/") -> dict[str, Any]:
+    return {"attributes": {"source": {"principal": f"spiffe://mesh.local/ns/default/sa/{source}"},
+                           "destination": {"principal": f"spiffe://mesh.local/ns/default/sa/{destination}"},
+                           "request": {"http": {"method": method, "path": path}}},
+            "parsed_path": [p for p in path.split("/") if p]}
+
+
+def decide(engine: regorus.Engine, query: str, document: dict[str, Any]) -> bool:
+    engine.set_input(document)
+    return bool(engine.eval_rule(query))
+
+
+def test_compose_opa_serves_the_queries_the_configs_ask_for():
+    engine = opa_policy_set()
+    # The gateway: reads of orders and items pass the edge, anything else does not.
+    assert decide(engine, "data.mesh.edge.allow", mesh_input("none", "gateway", path="/orders/apple"))
+    assert decide(engine, "data.mesh.edge.allow", mesh_input("none", "gateway", path="/items"))
+    assert not decide(engine, "data.mesh.edge.allow", mesh_input("none", "gateway", "DELETE", "/orders/apple"))
+    # The sidecars: gateway → orders and orders → inventory only.
+    assert decide(engine, "data.mesh.inbound.allow", mesh_input("gateway", "orders"))
+    assert decide(engine, "data.mesh.inbound.allow", mesh_input("orders", "inventory"))
+    assert not decide(engine, "data.mesh.inbound.allow", mesh_input("gateway", "inventory"))
+    # And the shipped example policy still loads beside them.
+    assert decide(engine, "data.envoy.authz.allow", mesh_input("client", "gateway", path="/api/x"))
+
+
 def test_compose_ca_bootstrap_is_idempotent(tmp_path, capsys):
     argv = [str(a) for a in compose()["services"]["ca-init"]["command"]]
     argv[argv.index("/certs")] = str(tmp_path / "certs")
@@ -172,19 +231,21 @@ def test_k8s_configs_pass_check(tmp_path, capsys):
     assert checked == 2
 
 
-def test_k8s_policy_compiles_and_decides_like_the_demo_policy():
-    shipped = config_map("mesh-gateway-policies")["data"]["mesh_inbound.rego"]
-    for source in (shipped, (ROOT / "mesh_gateway" / "demo" / "policies" / "mesh_inbound.rego").read_text()):
-        engine = regorus.Engine()
-        engine.add_policy("mesh_inbound.rego", source)
-        decisions = []
-        for caller in ("gateway", "orders"):
-            engine.set_input({"attributes": {
-                "source": {"principal": f"spiffe://mesh.local/ns/default/sa/{caller}"},
-                "destination": {"principal": "spiffe://mesh.local/ns/default/sa/inventory"},
-                "request": {"http": {"method": "GET"}}}})
-            decisions.append(engine.eval_rule("data.mesh.inbound.allow"))
-        assert decisions == [False, True]
+def test_k8s_policies_compile_and_decide_like_the_shipped_files():
+    shipped = config_map("mesh-gateway-policies")["data"]
+    assert shipped["edge.rego"] == (ROOT / "deploy" / "compose" / "policies" / "edge.rego").read_text()
+    engine = regorus.Engine()
+    for name, text in shipped.items():
+        engine.add_policy(name, text)
+    assert decide(engine, "data.mesh.edge.allow", mesh_input("none", "gateway", path="/orders/apple"))
+    assert decide(engine, "data.mesh.inbound.allow", mesh_input("gateway", "orders"))
+    assert not decide(engine, "data.mesh.inbound.allow", mesh_input("gateway", "inventory"))
+    demo = regorus.Engine()
+    demo_policy = ROOT / "mesh_gateway" / "demo" / "policies" / "mesh_inbound.rego"
+    demo.add_policy("mesh_inbound.rego", demo_policy.read_text())
+    for caller, callee in (("gateway", "orders"), ("orders", "inventory"), ("gateway", "inventory"), ("x", "orders")):
+        document = mesh_input(caller, callee)
+        assert decide(engine, "data.mesh.inbound.allow", document) == decide(demo, "data.mesh.inbound.allow", document)
 
 
 def test_systemd_unit_runs_valid_commands():
