@@ -28,6 +28,7 @@ from mesh_gateway.config import ConfigError
 from mesh_gateway.discovery.static import catalog_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import redact, route_view
+from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
@@ -46,6 +47,7 @@ from mesh_gateway.supervisor import Supervisor
 from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import CONTENT_TYPE, MeteredAuthorizer, Metrics
 from mesh_gateway.telemetry.tracing import OtelTracer
+from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.watch import Watch
 
@@ -105,6 +107,9 @@ class Sidecar:
         self.outbound_routes: Watch[CompiledRoutes] = Watch(self._outbound_routes(self.catalog.get()))
         self.outbound = Pipeline(routes=self.outbound_routes, catalog=self.catalog, authorizer=AllowAll(),
                                  forwarder=self.forwarder, gateway_id=lambda: self.spiffe_id, tracer=self.tracer)
+        grpc = config.service.protocol == "grpc"
+        self.grpc_forwarder = GrpcForwarder(self.credentials, config.grpc) if grpc else None
+        self.grpc_edge: GrpcEdge | None = None
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
         self._admin_views()
@@ -164,11 +169,14 @@ class Sidecar:
     async def start(self) -> None:
         config = self.config
         try:
-            inbound_tls = ServerTls(client_auth="required", min_version=config.inbound.min_version,
-                                    credentials=self.credentials)
-            inbound = HttpEdge(name="inbound", pipeline=self.inbound, limits=config.limits, tls=True,
-                               on_complete=[self._completed])
-            await self._serve(inbound, config.inbound.address, inbound_tls.front)
+            if self.grpc_forwarder is not None:
+                await self._serve_grpc(self.grpc_forwarder)
+            else:
+                inbound_tls = ServerTls(client_auth="required", min_version=config.inbound.min_version,
+                                        credentials=self.credentials)
+                inbound = HttpEdge(name="inbound", pipeline=self.inbound, limits=config.limits, tls=True,
+                                   on_complete=[self._completed])
+                await self._serve(inbound, config.inbound.address, inbound_tls.front)
             if config.outbound.enabled:
                 outbound = HttpEdge(name="outbound", pipeline=self.outbound, limits=config.limits, tls=False,
                                     rewrite=service_addressing, on_complete=[self._completed])
@@ -193,12 +201,29 @@ class Sidecar:
         self._runners.append(runner)
         self.addresses[edge.name] = bound
 
+    async def _serve_grpc(self, forwarder: GrpcForwarder) -> None:
+        """gRPC in (mTLS, client certificate required, SVID hot-swapped per handshake), plaintext gRPC to the app."""
+        edge = GrpcEdge(name="inbound", pipeline=self.inbound, forwarder=forwarder, settings=self.config.grpc,
+                        tls=True, on_complete=[self._completed])
+        credentials = ServerCredentials(self.credentials, require_client_cert=True, static_chain=None,
+                                        client_ca_pem=None).build()
+        try:
+            self.addresses["inbound"] = await edge.start(self.config.inbound.address, credentials)
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(f"cannot listen on {self.config.inbound.address}: {exc}") from None
+        self.grpc_edge = edge
+
     async def stop(self) -> None:
         self._started = False
+        if self.grpc_edge is not None:
+            await self.grpc_edge.stop(self.config.drain_timeout_s)
+            self.grpc_edge = None
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+        if self.grpc_forwarder is not None:
+            await self.grpc_forwarder.close()
         if self.access_log is not None:
             self.access_log.close()
         await asyncio.to_thread(self.tracer.shutdown)

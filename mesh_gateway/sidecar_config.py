@@ -34,7 +34,8 @@ class LocalService(cfg.Model):
     name: str = Field(pattern=_SERVICE_NAME)
     address: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
-    protocol: Literal["http"] = "http"
+    protocol: Literal["http", "grpc"] = "http"
+    """`grpc`: the inbound listener speaks gRPC (mTLS) and the app plaintext gRPC (h2c) on this port."""
     timeout_s: float = Field(default=15.0, gt=0)
     """Whole-request budget for a call into the local app."""
 
@@ -115,6 +116,8 @@ class SidecarConfig(cfg.Model):
     admin: cfg.Admin = cfg.Admin(address="127.0.0.1:15000")
     limits: cfg.Limits = cfg.Limits()
     upstream: cfg.Upstream = cfg.Upstream()
+    grpc: cfg.GrpcSettings = cfg.GrpcSettings()
+    """Used when `service.protocol` is grpc."""
     drain_timeout_s: float = Field(default=15.0, ge=0)
     telemetry: SidecarTelemetry = SidecarTelemetry()
     authz: SidecarAuthz | None = None
