@@ -6,6 +6,7 @@ only the wiring differs (two pipelines, routes derived from config and catalog).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -54,6 +55,7 @@ from mesh_gateway.watch import Watch
 log = logging.getLogger("mesh_gateway.sidecar")
 
 CATALOG_FOLLOW_S = 30.0
+APP_PROBE_TIMEOUT_S = 1.0
 
 
 def local_credentials(config: SidecarConfig) -> Credentials:
@@ -117,6 +119,7 @@ class Sidecar:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._runners: list[web.BaseRunner] = []
         self._started = False
+        self._app_problem: str | None = None
 
     @property
     def drain_timeout_s(self) -> float:
@@ -159,9 +162,37 @@ class Sidecar:
             if await self.catalog.changed(version, CATALOG_FOLLOW_S):
                 self.outbound_routes.publish(self._outbound_routes(self.catalog.get()))
 
+    async def probe_app(self) -> str | None:
+        """One TCP connect to the app (bounded); None when it accepts, else why not. Feeds readiness, so an
+        orchestrator or Consul stops sending traffic to a sidecar whose app is down."""
+        app = self.config.service
+        try:
+            async with asyncio.timeout(APP_PROBE_TIMEOUT_S):
+                _, writer = await asyncio.open_connection(app.address, app.port)
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            return f"local app at {app.address}:{app.port} does not accept connections ({reason})"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+
+    async def _probe_app_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.service.probe_interval_s)
+            reason = await self.probe_app()
+            if reason != self._app_problem:
+                if reason is None:
+                    log.info("local app is accepting connections again")
+                else:
+                    log.warning("%s", reason)
+            self._app_problem = reason
+
     def _ready(self) -> str | None:
         if not self._started:
             return "listeners not bound yet"
+        if self._app_problem is not None:
+            return self._app_problem
         if self.credentials.get().not_after <= time.time():
             return "sidecar certificate has expired"
         return None
@@ -186,6 +217,10 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
+        self._app_problem = await self.probe_app()
+        if self._app_problem is not None:
+            log.warning("%s (not ready until it does)", self._app_problem)
+        self.supervisor.start("app-probe", self._probe_app_forever)
         self.supervisor.start("outbound-routes", self._follow_catalog)
         if self.access_log is not None:
             self.supervisor.start("access-log", self.access_log.run)

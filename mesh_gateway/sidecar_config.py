@@ -38,6 +38,8 @@ class LocalService(cfg.Model):
     """`grpc`: the inbound listener speaks gRPC (mTLS) and the app plaintext gRPC (h2c) on this port."""
     timeout_s: float = Field(default=15.0, gt=0)
     """Whole-request budget for a call into the local app."""
+    probe_interval_s: float = Field(default=5.0, gt=0, le=300)
+    """How often the sidecar checks that the app accepts connections; while it does not, /readyz says so."""
 
     @field_validator("address")
     @classmethod

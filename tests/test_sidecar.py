@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -259,3 +260,27 @@ def stub_for(address: tuple[str, int], bundle_pem: bytes, creds: Any, pb_grpc: A
     channel = grpc.aio.secure_channel(f"{address[0]}:{address[1]}", channel_creds,
                                       options=[("grpc.ssl_target_name_override", "localhost")])
     return channel, pb_grpc.EchoStub(channel)
+
+
+async def test_readiness_follows_the_local_app(ca, ca_dir):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not yet listening: connections are refused
+    config = sidecar_config(ca_dir, "orders", ORDERS_ID, sock.getsockname()[1])
+    config = config.model_copy(update={"service": config.service.model_copy(update={"probe_interval_s": 0.05})})
+    try:
+        async with running_sidecar(config) as sidecar, aiohttp.ClientSession() as client:
+            host, port = sidecar.addresses["admin"]
+
+            async def readiness() -> tuple[int, Any]:
+                async with client.get(f"http://{host}:{port}/readyz") as resp:
+                    return resp.status, await resp.json()
+
+            status, body = await readiness()
+            assert status == 503
+            assert body["reasons"][0].startswith(f"local app at 127.0.0.1:{sock.getsockname()[1]} does not accept")
+            sock.listen(8)
+            async with asyncio.timeout(10):
+                while (await readiness())[0] != 200:
+                    await asyncio.sleep(0.02)
+    finally:
+        sock.close()
