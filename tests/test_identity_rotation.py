@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
 import random
 from collections.abc import Sequence
@@ -108,7 +109,10 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     return init_ca(tmp_path / "ca", "example.org")
 
 
-def start(ca: CertificateAuthority, ttl_s: float = 60.0) -> tuple[FakeClock, ClockedIssuer, Watch[Credentials], Rotator]:
+Started = tuple[FakeClock, ClockedIssuer, Watch[Credentials], Rotator]
+
+
+def start(ca: CertificateAuthority, ttl_s: float = 60.0) -> Started:
     clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
     issuer = ClockedIssuer(ca, clock)
     first = ca.issue_credentials(GW, ttl_s, now=dt.datetime.fromtimestamp(clock.now, dt.UTC))
@@ -131,7 +135,7 @@ async def run_until(rotator: Rotator, condition: object, limit: int = 10000) -> 
 
 
 async def test_rotator_renews_at_half_life_with_new_keys(ca: CertificateAuthority) -> None:
-    clock, issuer, watch, rotator = start(ca)
+    _clock, _issuer, watch, rotator = start(ca)
     first = watch.get()
     seen: list[Credentials] = []
 
@@ -143,7 +147,7 @@ async def test_rotator_renews_at_half_life_with_new_keys(ca: CertificateAuthorit
     await run_until(rotator, five)
     assert len({c.serial for c in seen}) == 5
     assert len({c.key_pem for c in seen}) == 5  # a fresh key every renewal
-    for previous, current in zip(seen, seen[1:], strict=False):
+    for previous, current in itertools.pairwise(seen):
         lifetime = previous.not_after - previous.not_before
         # renewed between 45 % and 55 % of the previous certificate's life, never after it expired
         assert previous.not_before + 0.44 * lifetime <= current.not_before + 10 <= previous.not_before + 0.56 * lifetime
@@ -187,7 +191,7 @@ async def test_rotator_expired_cert_makes_not_ready_and_logs_error_each_attempt(
 
 
 async def test_rotator_refuses_cert_for_another_identity(ca: CertificateAuthority) -> None:
-    clock, issuer, watch, rotator = start(ca)
+    _clock, issuer, watch, rotator = start(ca)
     first = watch.get()
     issuer.wrong_id = SpiffeId("example.org", "/intruder")
     assert await rotator.rotate_once() is False
@@ -196,7 +200,7 @@ async def test_rotator_refuses_cert_for_another_identity(ca: CertificateAuthorit
 
 
 async def test_rotator_refuses_cert_not_chaining_to_bundle(ca: CertificateAuthority, tmp_path: Path) -> None:
-    clock, issuer, watch, rotator = start(ca)
+    _clock, issuer, _watch, rotator = start(ca)
     other = init_ca(tmp_path / "other", "example.org")
     issuer.ca = CertificateAuthority(other.trust_domain, other.intermediate, other.intermediate_key, ca.roots)
     assert await rotator.rotate_once() is False

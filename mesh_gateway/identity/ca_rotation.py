@@ -4,7 +4,7 @@ Root rotation is a key rollover in the RFC 4210 style: the new root keeps the ol
 `cross.pem` is the new root's key certified by the old root. Because that cross certificate is self-issued (subject
 == issuer) it does not count against the old root's path length, so peers that still trust only the old root
 verify `leaf → intermediate → cross → old root`, while peers with the new bundle stop at the new root. The old root
-stays in bundle.pem until `prune_after` (2× the longest leaf TTL after the rotation), when every leaf it vouched for
+stays in bundle.pem until `prune_after` (2x the longest leaf TTL after the rotation), when every leaf it vouched for
 has expired; `prune_roots` then drops it and the cross certificate.
 
 Intermediate renewal follows SPIRE: a successor is prepared once half of the intermediate's life has passed and
@@ -103,7 +103,7 @@ def _write_retired(directory: Path, retired: list[RetiredRoot]) -> None:
 
 def rotate_root(directory: Path, max_leaf_ttl_s: float, now: dt.datetime | None = None) -> CertificateAuthority:
     """A new root (same subject, new key) cross-signed by the old one, a new intermediate under it, and a bundle
-    holding both roots. The old root is retired: pruned by `prune_roots` after 2× `max_leaf_ttl_s`."""
+    holding both roots. The old root is retired: pruned by `prune_roots` after 2x `max_leaf_ttl_s`."""
     if max_leaf_ttl_s <= 0:
         raise CAError("max leaf TTL must be positive")
     now = now or _now()

@@ -139,7 +139,7 @@ class Rotator:
         self.ttl_s = ttl_s
         self.dns = tuple(dns)
         self.clock: Clock = clock or SystemClock()
-        self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+        self.rng = rng or random.Random()
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.bundle_poll_s = bundle_poll_s
