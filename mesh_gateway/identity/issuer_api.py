@@ -273,14 +273,9 @@ class IssuerServer:
         self._servers.clear()
 
     async def wait(self) -> None:
-        """Until a server terminates or the rotator dies (which is fatal: it would serve an expiring SVID)."""
+        """Until the SVID rotator dies (fatal: the server would go on with an expiring certificate)."""
         assert self._task is not None
-        waits = [asyncio.ensure_future(s.wait_for_termination()) for s in self._servers]
-        done, pending = await asyncio.wait([self._task, *waits], return_when=asyncio.FIRST_COMPLETED)
-        for fut in pending:
-            fut.cancel()
-        for fut in done:
-            fut.result()
+        await asyncio.shield(self._task)
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId, dns: Sequence[str] = ()) -> bytes:
