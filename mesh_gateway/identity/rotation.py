@@ -93,7 +93,8 @@ class RotationStatus:
     not_before: float
     not_after: float
     seconds_to_expiry: float
-    next_refresh_at: float
+    next_refresh_at: float | None
+    """None when the source decides (Consul renews leaves on its own schedule)."""
     rotations_total: int
     failures_total: int
     consecutive_failures: int
@@ -150,7 +151,10 @@ class Rotator:
         self._next_at = self._schedule(watch.get())
 
     def _schedule(self, creds: Credentials) -> float:
-        return next_refresh(creds.not_before, creds.not_after, self.rng)
+        # Measured from when we obtained the certificate, not from not_before: issuers backdate not_before for
+        # clock skew (10 s here), which with a short TTL would put the half-life in the past and renew in a loop.
+        # For credentials handed in already old, this is half of what remains, which is what we want anyway.
+        return next_refresh(max(creds.not_before, self.clock.time()), creds.not_after, self.rng)
 
     def ready(self) -> bool:
         """False once the current certificate has expired (and renewal keeps failing)."""
