@@ -98,9 +98,11 @@ class FakeConsulCA:
             return denied
         await self._block(request, lambda: self.roots_index)
         assert self.ca is not None
-        roots = [{"ID": f"{root.serial_number:x}", "Name": "Consul CA Primary Cert", "RootCert": cert_pem(root).decode(),
-                  "IntermediateCerts": [cert_pem(c).decode() for c in self.ca.chain] if i == len(self.ca.roots) - 1
-                  else [], "Active": i == len(self.ca.roots) - 1}
+        last = len(self.ca.roots) - 1
+        roots = [{"ID": f"{root.serial_number:x}", "Name": "Consul CA Primary Cert",
+                  "RootCert": cert_pem(root).decode(),
+                  "IntermediateCerts": [cert_pem(c).decode() for c in self.ca.chain] if i == last else [],
+                  "Active": i == last}
                  for i, root in enumerate(self.ca.roots)]
         body = {"ActiveRootID": roots[-1]["ID"], "TrustDomain": self.trust_domain, "Roots": roots}
         return web.json_response(body, headers={"X-Consul-Index": str(self.roots_index)})
