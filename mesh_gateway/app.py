@@ -17,6 +17,13 @@ from mesh_gateway.discovery.static import catalog_from_config, routes_from_confi
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
+from mesh_gateway.identity.provider import (
+    IdentitySource,
+    IdentityUnavailable,
+    build_source,
+    certs_view,
+    first_credentials,
+)
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
@@ -50,15 +57,27 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
 
 
 class Gateway:
-    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None) -> None:
+    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
+                 credentials: Credentials | None = None, identity_ttl_s: float | None = None) -> None:
+        """`credentials`: the first SVID when it comes from a remote issuer or Consul (see `prepare_identity`).
+        `identity_ttl_s`: overrides identity.ttl without its 1-minute floor; tests use it to rotate every few s."""
         self.config = config
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
+        ttl_s = identity_ttl_s or config.identity.ttl
+        if credentials is None:
+            if config.identity.provider != "local" or config.identity.issuer != "local":
+                raise StartupError("identity: a remote or consul identity must be obtained first (prepare_identity)")
+            try:
+                credentials = load_ca(config.identity.ca_dir).issue_credentials(
+                    self.gateway_id, ttl_s, config.identity.dns)
+            except CAError as exc:
+                raise StartupError(f"identity: {exc}") from None
+        self.credentials: Watch[Credentials] = Watch(credentials)
         try:
-            self.ca = load_ca(config.identity.ca_dir)
-            first = self.ca.issue_credentials(self.gateway_id, config.identity.ttl, config.identity.dns)
-        except CAError as exc:
-            raise StartupError(f"identity: {exc}") from None
-        self.credentials: Watch[Credentials] = Watch(first)
+            self.identity: IdentitySource = build_source(config.identity, self.gateway_id, self.credentials,
+                                                         ttl_s=ttl_s)
+        except IdentityUnavailable as exc:
+            raise StartupError(str(exc)) from None
         self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
@@ -69,6 +88,7 @@ class Gateway:
                                  forwarder=self.forwarder, gateway_id=lambda: self.gateway_id)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        self.admin.add_json_view("/certs", lambda: certs_view(self.identity.status(), self.credentials.get()))
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -118,6 +138,7 @@ class Gateway:
         await web.SockSite(admin_runner, admin_sock).start()
         self._runners.append(admin_runner)
         self.addresses["admin"] = admin_sock.getsockname()[:2]
+        self.supervisor.start("identity", self.identity.run)
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -129,6 +150,17 @@ class Gateway:
         self._runners.clear()
         await self.supervisor.stop()
         await self.forwarder.close()
+
+
+async def prepare_identity(config: cfg.GatewayConfig) -> Credentials | None:
+    """The first SVID when it does not come from a local CA directory (remote issuer, Consul); else None."""
+    if config.identity.provider == "local" and config.identity.issuer == "local":
+        return None
+    try:
+        return await first_credentials(config.identity, SpiffeId.parse(config.identity.spiffe_id),
+                                       config.identity.ttl)
+    except IdentityUnavailable as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def run_until_signalled(gateway: Gateway) -> int:
@@ -168,7 +200,7 @@ def serve(config: cfg.GatewayConfig) -> int:
 
     async def main() -> int:
         try:
-            gateway = Gateway(config)
+            gateway = Gateway(config, credentials=await prepare_identity(config))
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

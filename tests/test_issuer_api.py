@@ -23,7 +23,7 @@ from mesh_gateway.identity.issuer_api import (
 )
 from mesh_gateway.identity.join_tokens import JoinTokenStore
 from mesh_gateway.identity.local_issuer import LocalIssuer
-from mesh_gateway.identity.rotation import Rotator, SignedChain, credentials_from_chain
+from mesh_gateway.identity.rotation import Rotator, SignedChain, credentials_from_chain, obtain_credentials
 from mesh_gateway.model import Credentials, SpiffeId
 from mesh_gateway.watch import Watch
 
@@ -234,8 +234,7 @@ async def test_rotator_bootstraps_with_token_then_renews_over_mtls(
     token = server.tokens.create(WEB, 900)
     client = IssuerClient(f"127.0.0.1:{server.port}", bootstrap_address=f"127.0.0.1:{server.bootstrap_port}",
                           bundle_pem=ca.bundle_pem, join_token=token, server_name="localhost")
-    probe = Rotator(WEB, client, Watch(await bootstrap(server, ca, WEB)), ttl_s=600)
-    first = await probe.obtain()  # the Rotator's bootstrap path: token, no client certificate
+    first = await obtain_credentials(client, WEB, 600)  # the bootstrap path: token, no client certificate
     assert client.join_token is None  # single use: forgotten after success
     watch = Watch(first)
     client.credentials = watch.get

@@ -126,6 +126,14 @@ def credentials_from_chain(spiffe_id: SpiffeId, key: ec.EllipticCurvePrivateKey,
     )
 
 
+async def obtain_credentials(issuer: Issuer, spiffe_id: SpiffeId, ttl_s: float, dns: Sequence[str] = (),
+                             clock: Clock | None = None) -> Credentials:
+    """One issuance: fresh EC P-256 key → sign → validate. Raises IssuerError or CAError; publishes nothing."""
+    key = new_key()
+    signed = await issuer.sign(key, spiffe_id, ttl_s, dns)
+    return credentials_from_chain(spiffe_id, key, signed, (clock or SystemClock()).time())
+
+
 class Rotator:
     """Keeps `watch` holding valid credentials for `spiffe_id`. Run `run()` under the app's supervisor."""
 
@@ -172,10 +180,7 @@ class Rotator:
         )
 
     async def obtain(self) -> Credentials:
-        """One renewal: fresh key → sign → validate. Raises IssuerError or CAError; publishes nothing."""
-        key = new_key()
-        signed = await self.issuer.sign(key, self.spiffe_id, self.ttl_s, self.dns)
-        return credentials_from_chain(self.spiffe_id, key, signed, self.clock.time())
+        return await obtain_credentials(self.issuer, self.spiffe_id, self.ttl_s, self.dns, self.clock)
 
     async def rotate_once(self) -> bool:
         """Try to renew now; on success publish, on failure keep the current credentials. True on success."""
