@@ -152,13 +152,13 @@ class Gateway:
         await self.forwarder.close()
 
 
-async def prepare_identity(config: cfg.GatewayConfig) -> Credentials | None:
+async def prepare_identity(config: cfg.GatewayConfig, ttl_s: float | None = None) -> Credentials | None:
     """The first SVID when it does not come from a local CA directory (remote issuer, Consul); else None."""
     if config.identity.provider == "local" and config.identity.issuer == "local":
         return None
     try:
         return await first_credentials(config.identity, SpiffeId.parse(config.identity.spiffe_id),
-                                       config.identity.ttl)
+                                       ttl_s or config.identity.ttl)
     except IdentityUnavailable as exc:
         raise StartupError(str(exc)) from None
 

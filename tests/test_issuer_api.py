@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mesh_gateway.identity.ca import CertificateAuthority, init_ca
@@ -149,6 +149,14 @@ def rsa_csr(bits: int) -> bytes:
     return build_csr(rsa.generate_private_key(65537, bits), WEB)  # type: ignore[arg-type]
 
 
+def email_san_csr() -> bytes:
+    names = [x509.UniformResourceIdentifier(str(WEB)), x509.RFC822Name("root@example.org")]
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName(names), critical=False)
+           .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
 def ed25519_csr() -> bytes:
     csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WEB))]), critical=False)
@@ -170,8 +178,12 @@ def ed25519_csr() -> bytes:
          "exceeds the maximum of 7200s"),
         (lambda: build_csr(ec.generate_private_key(ec.SECP256R1()), WEB, ["evil.example.com"]), 600,
          "INVALID_ARGUMENT", "'evil.example.com' is not allowed"),
+        (lambda: build_csr(ec.generate_private_key(ec.SECP256R1()), WEB, ["10.0.0.1"]), 600,
+         "INVALID_ARGUMENT", "'10.0.0.1' is not allowed"),
+        (email_san_csr, 600, "INVALID_ARGUMENT", "SANs of kinds RFC822Name"),
     ],
-    ids=["garbage", "wrong-trust-domain", "rsa-1024", "p521", "ed25519", "ttl-too-long", "dns-not-allowed"],
+    ids=["garbage", "wrong-trust-domain", "rsa-1024", "p521", "ed25519", "ttl-too-long", "dns-not-allowed",
+         "ip-not-allowed", "email-san"],
 )
 async def test_bad_csrs_refused_with_documented_codes(
     issuer: tuple[IssuerServer, CertificateAuthority, Clock], csr: object, ttl_s: int, code: str, message: str,

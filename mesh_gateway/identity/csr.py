@@ -2,7 +2,7 @@
 
 Refusals are GatewayErrors whose public message tells the caller exactly what to fix:
   BadRequest (INVALID_ARGUMENT)   unparsable CSR, bad CSR signature, weak or unsupported key, SANs other than one
-                                  spiffe:// URI plus allowed DNS names, TTL over the maximum
+                                  spiffe:// URI plus allowed DNS names / IPs, TTL over the maximum
   Forbidden (PERMISSION_DENIED)   SPIFFE ID outside the trust domain, or not the identity the caller may obtain
 """
 
@@ -28,7 +28,7 @@ class CsrPolicy:
     max_ttl_s: float
     default_ttl_s: float
     allowed_dns: tuple[str, ...] = ()
-    """Shell-style patterns (`localhost`, `*.svc.example.org`); DNS SANs matching none are refused."""
+    """Shell-style patterns (`localhost`, `*.svc.example.org`, `127.0.0.1`); DNS/IP SANs matching none are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +94,13 @@ def _sans(csr: x509.CertificateSigningRequest, policy: CsrPolicy) -> tuple[Spiff
         raise _denied(f"SPIFFE ID {spiffe_id} is outside trust domain {policy.trust_domain}")
     if not spiffe_id.path:
         raise _bad("a workload SPIFFE ID needs a path (spiffe://domain/path)")
-    dns = tuple(san.get_values_for_type(x509.DNSName))
-    others = [name for name in san if not isinstance(name, x509.UniformResourceIdentifier | x509.DNSName)]
+    dns = (*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress)))
+    others = [name for name in san
+              if not isinstance(name, x509.UniformResourceIdentifier | x509.DNSName | x509.IPAddress)]
     if others:
         kinds = sorted({type(name).__name__ for name in others})
         raise _bad(f"CSR carries SANs of kinds {', '.join(kinds)}; only one URI and allowed DNS names are signed")
     for name in dns:
         if not any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in policy.allowed_dns):
-            raise _bad(f"DNS SAN {name!r} is not allowed by this CA")
+            raise _bad(f"DNS/IP SAN {name!r} is not allowed by this CA")
     return spiffe_id, dns

@@ -12,6 +12,7 @@ Both serve Bundle and WatchBundle. The server signs public keys from CSRs; it ne
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -280,7 +281,11 @@ class IssuerServer:
 
 def build_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: SpiffeId, dns: Sequence[str] = ()) -> bytes:
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-    names += [x509.DNSName(name) for name in dns]
+    for name in dns:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, spiffe_id.trust_domain)]))
            .add_extension(x509.SubjectAlternativeName(names), critical=False)
