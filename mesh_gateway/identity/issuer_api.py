@@ -32,7 +32,7 @@ from mesh_gateway.identity.csr import CsrPolicy, check_csr
 from mesh_gateway.identity.join_tokens import JoinTokenStore
 from mesh_gateway.identity.local_issuer import LocalIssuer
 from mesh_gateway.identity.proto import issuer_pb2, issuer_pb2_grpc
-from mesh_gateway.identity.rotation import IssuerError, SignedChain
+from mesh_gateway.identity.rotation import IssuerError, Rotator, SignedChain
 from mesh_gateway.model import Credentials, SpiffeId
 from mesh_gateway.spiffe import IdentityError, spiffe_id_from_uris
 from mesh_gateway.watch import Watch
@@ -209,13 +209,11 @@ class IssuerServer:
         self.port = 0
         self.bootstrap_port = 0
         self.credentials: Watch[Credentials] | None = None
-        self.rotator: Any = None
+        self.rotator: Rotator | None = None
         self._servers: list[grpc.aio.Server] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from mesh_gateway.identity.rotation import Rotator  # local import: rotation imports nothing of ours back
-
         ca = await asyncio.to_thread(self.issuer.current)
         own = SpiffeId(ca.trust_domain, self.settings.spiffe_id_path)
         first = await asyncio.to_thread(ca.issue_credentials, own, self.settings.svid_ttl_s, self.settings.dns)
