@@ -140,3 +140,14 @@ def test_rotate_root_requires_positive_ttl(tmp_path: Path) -> None:
     init_ca(tmp_path / "ca", "example.org")
     with pytest.raises(CAError):
         rotate_root(tmp_path / "ca", max_leaf_ttl_s=0)
+
+
+def test_damaged_prepared_intermediate_does_not_block_activation(tmp_path: Path) -> None:
+    directory = tmp_path / "ca"
+    ca = init_ca(directory, "example.org")
+    start = ca.intermediate.not_valid_before_utc
+    life = ca.intermediate.not_valid_after_utc - start
+    assert maintain(directory, start + life * 0.55).prepared
+    (directory / "next-intermediate.key").write_bytes(b"garbage")
+    assert maintain(directory, start + life * 0.9).activated
+    assert load_ca(directory).intermediate != ca.intermediate

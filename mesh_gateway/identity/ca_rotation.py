@@ -13,9 +13,13 @@ activated when less than 1/6 remains. Every write is atomic (identity/files.py) 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +51,19 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@contextlib.contextmanager
+def ca_lock(directory: Path) -> Iterator[None]:
+    """Serialise writers of one CA directory across processes (`ca serve`, gateways, the CLI): two processes
+    preparing an intermediate at once could otherwise pair one's key with the other's certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".ca.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
@@ -71,6 +88,11 @@ def _install_intermediate(directory: Path, cert: x509.Certificate, key: ec.Ellip
 
 def rotate_intermediate(directory: Path, now: dt.datetime | None = None) -> CertificateAuthority:
     """A new intermediate signed by the current root; issuing switches to it. The bundle is unchanged."""
+    with ca_lock(directory):
+        return _rotate_intermediate(directory, now)
+
+
+def _rotate_intermediate(directory: Path, now: dt.datetime | None) -> CertificateAuthority:
     root, root_key = _load_root(directory)
     cert, key = make_intermediate(root, root_key, trust_domain_of(root), now=now or _now())
     _install_intermediate(directory, cert, key)
@@ -106,7 +128,11 @@ def rotate_root(directory: Path, max_leaf_ttl_s: float, now: dt.datetime | None 
     holding both roots. The old root is retired: pruned by `prune_roots` after 2x `max_leaf_ttl_s`."""
     if max_leaf_ttl_s <= 0:
         raise CAError("max leaf TTL must be positive")
-    now = now or _now()
+    with ca_lock(directory):
+        return _rotate_root(directory, max_leaf_ttl_s, now or _now())
+
+
+def _rotate_root(directory: Path, max_leaf_ttl_s: float, now: dt.datetime) -> CertificateAuthority:
     old_root, old_key = _load_root(directory)
     domain = trust_domain_of(old_root)
     key = new_key()
@@ -133,7 +159,11 @@ def rotate_root(directory: Path, max_leaf_ttl_s: float, now: dt.datetime | None 
 
 def prune_roots(directory: Path, now: dt.datetime | None = None) -> list[str]:
     """Drop retired roots whose overlap is over (and the cross certificate they signed). Returns fingerprints."""
-    now = now or _now()
+    with ca_lock(directory):
+        return _prune_roots(directory, now or _now())
+
+
+def _prune_roots(directory: Path, now: dt.datetime) -> list[str]:
     retired = read_retired(directory)
     due = {r.fingerprint for r in retired if r.prune_after <= now}
     if not due:
@@ -178,7 +208,11 @@ class Maintenance:
 def maintain(directory: Path, now: dt.datetime | None = None,
              intermediate_lifetime: dt.timedelta = INTERMEDIATE_LIFETIME) -> Maintenance:
     """The periodic CA chore: prepare the next intermediate at 1/2 life, activate it at 1/6 remaining, prune."""
-    now = now or _now()
+    with ca_lock(directory):
+        return _maintain(directory, now or _now(), intermediate_lifetime)
+
+
+def _maintain(directory: Path, now: dt.datetime, intermediate_lifetime: dt.timedelta) -> Maintenance:
     ca = load_ca(directory)
     current = ca.intermediate
     life = current.not_valid_after_utc - current.not_valid_before_utc
@@ -191,15 +225,24 @@ def maintain(directory: Path, now: dt.datetime | None = None,
         write_atomic(directory / NEXT_CERT, cert_pem(cert))
         prepared = True
     if remaining < life / 6:
-        try:
-            cert = x509.load_pem_x509_certificate((directory / NEXT_CERT).read_bytes())
-            loaded = serialization.load_pem_private_key((directory / NEXT_KEY).read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
-            raise CAError(f"{directory}: prepared intermediate unreadable: {exc}") from None
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.public_key() != cert.public_key():
-            raise CAError(f"{directory}: {NEXT_KEY} does not match {NEXT_CERT}")
-        _install_intermediate(directory, cert, loaded)
-        (directory / NEXT_CERT).unlink()
-        (directory / NEXT_KEY).unlink()
+        pair = _read_prepared(directory)
+        if pair is None:
+            # A damaged prepared pair must not block renewal forever: make a fresh successor instead.
+            root, root_key = _load_root(directory)
+            pair = make_intermediate(root, root_key, ca.trust_domain, lifetime=intermediate_lifetime, now=now)
+        _install_intermediate(directory, *pair)
+        (directory / NEXT_CERT).unlink(missing_ok=True)
+        (directory / NEXT_KEY).unlink(missing_ok=True)
         activated = True
-    return Maintenance(prepared, activated, tuple(prune_roots(directory, now)))
+    return Maintenance(prepared, activated, tuple(_prune_roots(directory, now)))
+
+
+def _read_prepared(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    try:
+        cert = x509.load_pem_x509_certificate((directory / NEXT_CERT).read_bytes())
+        key = serialization.load_pem_private_key((directory / NEXT_KEY).read_bytes(), password=None)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        return None
+    return cert, key
