@@ -210,9 +210,9 @@ async def test_rotator_refuses_cert_not_chaining_to_bundle(ca: CertificateAuthor
 
 async def test_short_ttl_with_backdated_not_before_does_not_renew_in_a_loop(ca: CertificateAuthority) -> None:
     # The CA backdates not_before by 10 s; with a 5 s TTL a schedule from not_before would already be due.
-    clock, issuer, watch, rotator = start(ca, ttl_s=5.0)
+    clock, issuer, _watch, rotator = start(ca, ttl_s=5.0)
     began = clock.now
     await run_until(rotator, lambda: issuer.signed >= 4)
-    # four renewals at ~2.5 s each (±10 %): at least 4 × 2.25 s of (fake) time went by
+    # four renewals at ~2.5 s each (±10 %): at least 4 x 2.25 s of (fake) time went by
     assert clock.now - began >= 9.0
     assert rotator.status().rotations_total == 4
