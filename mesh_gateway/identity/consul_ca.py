@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -159,11 +160,12 @@ class ConsulIdentity:
     name = "consul"
 
     def __init__(self, agent: ConsulAgent, expected: SpiffeId, watch: Watch[Credentials], *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, on_result: Callable[[str], None] | None = None) -> None:
         self.agent = agent
         self.expected = expected
         self.watch = watch
         self.rng = rng or random.Random()
+        self.on_result = on_result
         self._roots: Roots | None = None
         self._leaf_index = 0
         self._rotations = 0
@@ -202,6 +204,8 @@ class ConsulIdentity:
             creds = credentials_from_leaf(data, roots, self.expected, time.time())
         if self.watch.publish(creds):
             self._rotations += 1
+            if self.on_result is not None:
+                self.on_result("success")
             log.info("identity rotated spiffe_id=%s serial=%x not_after=%s (consul)", creds.spiffe_id, creds.serial,
                      dt.datetime.fromtimestamp(creds.not_after, dt.UTC).isoformat(timespec="seconds"),
                      extra={"event": "svid_rotated", "spiffe_id": str(creds.spiffe_id), "serial": f"{creds.serial:x}",
@@ -243,6 +247,8 @@ class ConsulIdentity:
                     self._failures += 1
                     self._consecutive += 1
                     self._last_error = str(exc)
+                    if self.on_result is not None:
+                        self.on_result("failure")
                     expired = time.time() >= self.watch.get().not_after
                     log.log(logging.ERROR if expired else logging.WARNING, "consul leaf renewal failed%s: %s",
                             " and the current certificate has EXPIRED" if expired else "", exc,

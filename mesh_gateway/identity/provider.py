@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,16 +99,27 @@ async def first_credentials(identity: cfg.Identity, spiffe_id: SpiffeId, ttl_s: 
 
 
 def build_source(identity: cfg.Identity, spiffe_id: SpiffeId, credentials: Watch[Credentials], *,
-                 ttl_s: float) -> IdentitySource:
+                 ttl_s: float, on_result: Callable[[str], None] | None = None) -> IdentitySource:
+    """`on_result("success" | "failure")` is called after every renewal attempt (the metrics counter)."""
     if identity.provider == "consul":
         assert identity.consul is not None
-        return ConsulIdentity(ConsulAgent(consul_settings(identity.consul)), spiffe_id, credentials)
+        return ConsulIdentity(ConsulAgent(consul_settings(identity.consul)), spiffe_id, credentials,
+                              on_result=on_result)
     if identity.issuer == "remote":
         issuer: Any = remote_client(identity, credentials)
     else:
         issuer = LocalIssuer(identity.ca_dir)
     return Rotator(spiffe_id, issuer, credentials, ttl_s=ttl_s, dns=identity.dns,
-                   bundle_poll_s=identity.bundle_poll_s)
+                   bundle_poll_s=identity.bundle_poll_s, on_result=on_result)
+
+
+def chain_expiries(credentials: Credentials) -> tuple[float, float]:
+    """(not_after of the issuing intermediate, earliest not_after among the bundle's roots), epoch seconds.
+    Without an intermediate in the chain the leaf's own expiry stands in."""
+    chain = x509.load_pem_x509_certificates(credentials.cert_chain_pem)
+    issuer = chain[1] if len(chain) > 1 else chain[0]
+    roots = x509.load_pem_x509_certificates(credentials.bundle_pem)
+    return (issuer.not_valid_after_utc.timestamp(), min(r.not_valid_after_utc.timestamp() for r in roots))
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -139,7 +139,8 @@ class Rotator:
 
     def __init__(self, spiffe_id: SpiffeId, issuer: Issuer, watch: Watch[Credentials], *, ttl_s: float,
                  dns: Sequence[str] = (), clock: Clock | None = None, rng: random.Random | None = None,
-                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0, bundle_poll_s: float = 5.0) -> None:
+                 retry_initial_s: float = 1.0, retry_max_s: float = 30.0, bundle_poll_s: float = 5.0,
+                 on_result: Callable[[str], None] | None = None) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         self.spiffe_id = spiffe_id
@@ -152,6 +153,7 @@ class Rotator:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.bundle_poll_s = bundle_poll_s
+        self.on_result = on_result
         self._rotations = 0
         self._failures = 0
         self._consecutive = 0
@@ -191,6 +193,8 @@ class Rotator:
             self._failures += 1
             self._consecutive += 1
             self._last_error = str(exc)
+            if self.on_result is not None:
+                self.on_result("failure")
             expired = self.clock.time() >= old.not_after
             # Each failed attempt is logged; once expired it is an error because peers now refuse us.
             log.log(logging.ERROR if expired else logging.WARNING,
@@ -202,6 +206,8 @@ class Rotator:
         self._rotations += 1
         self._consecutive = 0
         self._last_error = ""
+        if self.on_result is not None:
+            self.on_result("success")
         self.watch.publish(new)
         self._next_at = self._schedule(new)
         log.info("identity rotated spiffe_id=%s serial=%x not_after=%s next_refresh=%s", new.spiffe_id, new.serial,
