@@ -133,11 +133,17 @@ async def test_rotation_under_load_drops_nothing(ca, ca_dir, serial_upstream, cl
 
         await asyncio.gather(keepalive_client(), fresh_client())
         status = gw.identity.status()
+        async with aiohttp.ClientSession() as admin, admin.get(admin_url(gw, "/metrics")) as resp:
+            metrics = await resp.text()
     assert failures == []
     assert counts["keepalive"] > 50 and counts["fresh"] > 20
     assert status.rotations_total >= 4
     assert len(edge_serials) >= 4, edge_serials  # the edge certificate rotated under the listener
     assert len(upstream_serials) >= 4, upstream_serials  # and so did the client certificate shown upstream
+    rotated = [line for line in metrics.splitlines()
+               if line.startswith('mesh_gateway_cert_rotations_total{result="success"}')]
+    assert rotated and float(rotated[0].split()[-1]) >= status.rotations_total
+    assert 'mesh_gateway_cert_expiry_seconds{kind="intermediate"}' in metrics
 
 
 async def test_certs_view_tells_the_truth(ca, ca_dir, serial_upstream, client_creds):
