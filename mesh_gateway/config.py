@@ -99,11 +99,53 @@ class Listener(Model):
     """Offer `h2` in ALPN next to `http/1.1` (TLS http listeners only)."""
 
 
+class RemoteIssuer(Model):
+    """`identity.issuer: remote`: obtain the SVID from `mesh-gateway ca serve` over gRPC (docs/identity.md)."""
+
+    address: HostPort
+    """The issuer's mTLS listener (renewals)."""
+    bootstrap_address: HostPort | None = None
+    """The issuer's bootstrap listener (first SVID with a join token)."""
+    server_name: str = Field(default="localhost", min_length=1)
+    """A DNS name in the issuer's certificate, checked on connect."""
+    bundle: Path | None = None
+    """Trust bundle to verify the issuer on first contact; omitted → <ca_dir>/bundle.pem."""
+    join_token_file: Path | None = None
+    """File holding a one-time join token (`mesh-gateway ca token create`)."""
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class ConsulCA(Model):
+    """`identity.provider: consul`: the SVID comes from the local Consul agent's Connect CA."""
+
+    address: str = Field(default="http://127.0.0.1:8500", pattern=r"^https?://[^/]+/?$")
+    service: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The service name Consul issues the leaf for (its SPIFFE ID must equal identity.spiffe_id)."""
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    wait_s: float = Field(default=300.0, gt=0, le=600)
+    """Blocking-query wait for leaf and roots renewals."""
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ConsulCA:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        return self
+
+
 class Identity(Model):
     ca_dir: Path = Path("certs")
     spiffe_id: SpiffeIdText
     ttl: Duration = 3600.0
     dns: tuple[str, ...] = ("localhost",)
+    provider: Literal["local", "consul"] = "local"
+    """local: our CA (in-process or remote issuer); consul: Consul Connect CA."""
+    issuer: Literal["local", "remote"] = "local"
+    """With provider local: sign with ca_dir in-process, or ask `ca serve` (identity.remote)."""
+    remote: RemoteIssuer | None = None
+    consul: ConsulCA | None = None
+    bundle_poll_s: float = Field(default=5.0, gt=0, le=300)
+    """How often the trust bundle is re-read from the CA (root rotation reaches running gateways this fast)."""
 
     @field_validator("ttl")
     @classmethod
@@ -111,6 +153,17 @@ class Identity(Model):
         if value < 60:
             raise ValueError("must be at least 1m")
         return value
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> Identity:
+        if self.provider == "consul":
+            if self.consul is None:
+                raise _KeyError(("identity", "consul"), "required when provider is consul")
+            if self.issuer == "remote":
+                raise _KeyError(("identity", "issuer"), "must be local when provider is consul")
+        if self.issuer == "remote" and self.remote is None:
+            raise _KeyError(("identity", "remote"), "required when issuer is remote")
+        return self
 
 
 class StaticEndpoint(Model):
@@ -510,12 +563,20 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
         else lst
         for lst in config.listeners
     )
-    identity = config.identity.model_copy(update={"ca_dir": fix(config.identity.ca_dir)})
-    update: dict[str, Any] = {"listeners": listeners, "identity": identity,
+    update: dict[str, Any] = {"listeners": listeners, "identity": resolve_identity_paths(config.identity, base),
                               "telemetry": resolve_telemetry_paths(config.telemetry, base)}
     if config.authz is not None:
         update["authz"] = resolve_authz_paths(config.authz, base)
     return config.model_copy(update=update)
+
+
+def resolve_identity_paths(identity: Identity, base: Path) -> Identity:
+    remote = identity.remote and identity.remote.model_copy(update={
+        "bundle": _under(base, identity.remote.bundle),
+        "join_token_file": _under(base, identity.remote.join_token_file)})
+    consul = identity.consul and identity.consul.model_copy(
+        update={"token_file": _under(base, identity.consul.token_file)})
+    return identity.model_copy(update={"ca_dir": _under(base, identity.ca_dir), "remote": remote, "consul": consul})
 
 
 def resolve_telemetry_paths(telemetry: Telemetry, base: Path) -> Telemetry:
