@@ -31,7 +31,13 @@ from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import redact, route_view
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.http import HttpEdge
-from mesh_gateway.identity.ca import CAError, load_ca
+from mesh_gateway.identity.provider import (
+    IdentitySource,
+    IdentityUnavailable,
+    build_source,
+    certs_view,
+    first_credentials,
+)
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
@@ -58,27 +64,35 @@ CATALOG_FOLLOW_S = 30.0
 APP_PROBE_TIMEOUT_S = 1.0
 
 
-def local_credentials(config: SidecarConfig) -> Credentials:
-    """The `issuer: local` bootstrap: sign our own SVID with the CA files in `identity.ca_dir`."""
+async def first_svid(config: SidecarConfig, *, join_token: str | None = None) -> Credentials:
+    """The SVID to start with: bootstrap from the CA API with a join token (`issuer: remote`), from Consul's CA,
+    or signed in-process from `identity.ca_dir` (`issuer: local`). StartupError says why it failed."""
     identity = config.identity
     try:
-        ca = load_ca(identity.ca_dir)
-        return ca.issue_credentials(SpiffeId.parse(identity.spiffe_id), identity.ttl, identity.dns)
-    except CAError as exc:
-        raise StartupError(f"identity: {exc}") from None
+        return await first_credentials(identity, SpiffeId.parse(identity.spiffe_id), identity.ttl,
+                                       join_token=join_token)
+    except IdentityUnavailable as exc:
+        raise StartupError(str(exc)) from None
 
 
 class Sidecar:
-    def __init__(self, config: SidecarConfig, *, policy: Authorizer | None = None,
-                 credentials: Credentials | None = None) -> None:
-        """`policy`: an inbound authorizer instead of the one built from `authz:`."""
+    def __init__(self, config: SidecarConfig, credentials: Credentials, *, policy: Authorizer | None = None
+                 ) -> None:
+        """`credentials`: the first SVID (`first_svid`); renewed from then on by the identity source.
+        `policy`: an inbound authorizer instead of the one built from `authz:`."""
         self.config = config
         self.spiffe_id = SpiffeId.parse(config.identity.spiffe_id)
-        self.credentials: Watch[Credentials] = Watch(credentials or local_credentials(config))
+        self.credentials: Watch[Credentials] = Watch(credentials)
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
+        try:
+            self.identity: IdentitySource = build_source(
+                config.identity, self.spiffe_id, self.credentials, ttl_s=config.identity.ttl,
+                on_result=self.metrics.cert_rotated if self.metrics is not None else None)
+        except IdentityUnavailable as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
             self.tracer = OtelTracer(telemetry.tracing, service_name=config.service_name,
@@ -133,6 +147,7 @@ class Sidecar:
             "outbound": [route_view(r) for r in self.outbound_routes.get().table.routes]})
         if self.authz is not None:
             admin.add_json_view("/policies", self.authz.view)
+        admin.add_json_view("/certs", lambda: certs_view(self.identity.status(), self.credentials.get()))
         metrics = self.metrics
         if metrics is not None:
             metrics.span_source(self.tracer.stats)
@@ -220,6 +235,7 @@ class Sidecar:
         self._app_problem = await self.probe_app()
         if self._app_problem is not None:
             log.warning("%s (not ready until it does)", self._app_problem)
+        self.supervisor.start("identity", self.identity.run)
         self.supervisor.start("app-probe", self._probe_app_forever)
         self.supervisor.start("outbound-routes", self._follow_catalog)
         if self.access_log is not None:
@@ -266,12 +282,12 @@ class Sidecar:
             await self.authz.authorizer.close()
 
 
-def serve(config: SidecarConfig) -> int:
+def serve(config: SidecarConfig, *, join_token: str | None = None) -> int:
     configure_logging()
 
     async def main() -> int:
         try:
-            sidecar = Sidecar(config)
+            sidecar = Sidecar(config, await first_svid(config, join_token=join_token))
             return await run_until_signalled(sidecar)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

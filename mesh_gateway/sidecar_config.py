@@ -77,24 +77,6 @@ class Outbound(cfg.Model):
         return value
 
 
-class SidecarIdentity(cfg.Model):
-    spiffe_id: cfg.SpiffeIdText
-    """The service's identity; the sidecar presents it on both sides."""
-    issuer: Literal["local"] = "local"
-    """`local`: sign with the CA files in `ca_dir` (the CA key must then be on this machine — prefer the
-    gateway's CA API once available)."""
-    ca_dir: Path = Path("certs")
-    ttl: cfg.Duration = 3600.0
-    dns: tuple[str, ...] = ()
-
-    @field_validator("ttl")
-    @classmethod
-    def _at_least_a_minute(cls, value: float) -> float:
-        if value < 60:
-            raise ValueError("must be at least 1m")
-        return value
-
-
 class SidecarAuthz(cfg.Authz):
     """The gateway's `authz:` section; only the default query differs, because the sidecar's policy is about who
     may call this service, not about edge traffic."""
@@ -110,7 +92,9 @@ class SidecarTelemetry(cfg.Telemetry):
 class SidecarConfig(cfg.Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
     service: LocalService
-    identity: SidecarIdentity
+    identity: cfg.Identity
+    """The gateway's identity section: the sidecar presents `spiffe_id` (the service's identity) on both sides.
+    Prefer `issuer: remote` (join token, then mTLS renewals: the CA key never leaves `ca serve`)."""
     inbound: Inbound = Inbound()
     outbound: Outbound = Outbound()
     catalog: cfg.Catalog = cfg.Catalog()
@@ -174,9 +158,8 @@ def load(path: Path) -> SidecarConfig:
     """Relative paths are relative to the config file, as for gateway.yaml."""
     config = parse(read_yaml(path))
     base = path.parent
-    ca_dir = config.identity.ca_dir
     update: dict[str, Any] = {
-        "identity": config.identity.model_copy(update={"ca_dir": ca_dir if ca_dir.is_absolute() else base / ca_dir}),
+        "identity": cfg.resolve_identity_paths(config.identity, base),
         "telemetry": cfg.resolve_telemetry_paths(config.telemetry, base),
     }
     if config.authz is not None:

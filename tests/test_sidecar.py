@@ -20,7 +20,7 @@ from mesh_gateway.config import ConfigError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
 from mesh_gateway.errors import NotFound
 from mesh_gateway.model import RequestInfo
-from mesh_gateway.sidecar import Sidecar
+from mesh_gateway.sidecar import Sidecar, first_svid
 from mesh_gateway.sidecar_config import SidecarConfig, parse
 from mesh_gateway.sidecar_routing import service_addressing
 from tests.grpc_support import ECHO_ID, compile_echo, start_echo_upstream
@@ -54,7 +54,7 @@ def loopback_socket() -> socket.socket:
 
 @contextlib.asynccontextmanager
 async def running_sidecar(config: SidecarConfig) -> AsyncIterator[Sidecar]:
-    sidecar = Sidecar(config)
+    sidecar = Sidecar(config, await first_svid(config))
     await sidecar.start()
     try:
         yield sidecar
@@ -218,7 +218,7 @@ def test_sidecar_without_a_ca_fails_to_start_with_a_clear_message(tmp_path, capl
                     "inbound: {address: '127.0.0.1:0'}\noutbound: {address: '127.0.0.1:0'}\n"
                     "admin: {address: '127.0.0.1:0'}\n")
     assert main(["sidecar", "-c", str(path)]) == 1
-    assert f"cannot start: identity: {tmp_path / 'nowhere'} is not a CA directory" in caplog.text
+    assert f"cannot start: identity (local/local): {tmp_path / 'nowhere'} is not a CA directory" in caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +233,7 @@ async def test_grpc_service_behind_the_sidecar(ca, ca_dir, echo_proto):
     echo = await start_echo_upstream(pb, pb_grpc, None)
     config = sidecar_config(ca_dir, "echo", ECHO_ID, echo.port, inbound={
         "address": "127.0.0.1:0", "allowed_peers": [ORDERS_ID]})
-    config = config.model_copy(update={"service": config.service.model_copy(update={"protocol": "grpc"}),
-                                       "identity": config.identity.model_copy(update={"dns": ("localhost",)})})
+    config = config.model_copy(update={"service": config.service.model_copy(update={"protocol": "grpc"})})
     try:
         async with running_sidecar(config) as sidecar:
             target = sidecar.addresses["inbound"]
@@ -256,7 +255,7 @@ async def test_grpc_service_behind_the_sidecar(ca, ca_dir, echo_proto):
 
 def stub_for(address: tuple[str, int], bundle_pem: bytes, creds: Any, pb_grpc: Any) -> tuple[Any, Any]:
     channel_creds = grpc.ssl_channel_credentials(bundle_pem, creds.key_pem, creds.cert_chain_pem)
-    # grpc's client checks a host name; the sidecar's SVID carries `localhost` from identity.dns for this test.
+    # grpc's client checks a host name; the sidecar's SVID carries `localhost` (identity.dns' default).
     channel = grpc.aio.secure_channel(f"{address[0]}:{address[1]}", channel_creds,
                                       options=[("grpc.ssl_target_name_override", "localhost")])
     return channel, pb_grpc.EchoStub(channel)

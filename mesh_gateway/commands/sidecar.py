@@ -1,14 +1,20 @@
-"""`mesh-gateway sidecar -c FILE`: run the sidecar for one local service (see docs/sidecar.md)."""
+"""`mesh-gateway sidecar -c FILE`: run the sidecar for one local service (see docs/sidecar.md).
+
+With `identity.issuer: remote`, the one-time join token comes from `identity.remote.join_token_file` or, when set,
+the environment variable MESH_JOIN_TOKEN (e.g. from a Kubernetes Secret); the variable wins."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from mesh_gateway.config import ConfigError
 from mesh_gateway.sidecar_config import load
+
+JOIN_TOKEN_ENV = "MESH_JOIN_TOKEN"  # noqa: S105 - the name of the variable, not a secret
 
 
 def register(sub: Any) -> None:
@@ -27,4 +33,4 @@ def handle(args: argparse.Namespace) -> int:
         return 2
     from mesh_gateway.sidecar import serve
 
-    return serve(config)
+    return serve(config, join_token=os.environ.get(JOIN_TOKEN_ENV) or None)

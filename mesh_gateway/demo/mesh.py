@@ -16,7 +16,7 @@ from typing import Any
 from mesh_gateway import sidecar_config as sidecar_config_module
 from mesh_gateway.app import StartupError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
-from mesh_gateway.sidecar import Sidecar
+from mesh_gateway.sidecar import Sidecar, first_svid
 
 TRUST_DOMAIN = "mesh.local"
 GATEWAY_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway"
@@ -134,7 +134,7 @@ class DemoMesh:
         return f"http://{host}:{port}"
 
     async def _add_sidecar(self, config: sidecar_config_module.SidecarConfig) -> Sidecar:
-        sidecar = Sidecar(config)
+        sidecar = Sidecar(config, await first_svid(config))
         await sidecar.start()
         self.sidecars[config.service.name] = sidecar
         return sidecar
