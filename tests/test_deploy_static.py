@@ -106,6 +106,45 @@ def test_compose_configs_only_name_services_of_the_stack():
             assert host in services, f"{name}: {found} names no service of the stack"
 
 
+def volume_of(svc: dict[str, Any], container_path: str) -> tuple[str, str] | None:
+    """(named volume, path inside it) for a container path, or None when no named volume holds it."""
+    for volume in svc.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith(".") and (container_path + "/").startswith(target.rstrip("/") + "/"):
+            return source, container_path[len(target.rstrip("/")):]
+    return None
+
+
+def test_compose_identity_files_are_produced_by_a_bootstrap_job_and_no_workload_holds_the_ca_key():
+    services = compose()["services"]
+    ca_jobs = {"ca-init", "ca", "ca-bundle"} | {n for n in services if n.endswith("-token")}
+    for name, svc in our_services().items():
+        if name not in ca_jobs:
+            assert all(not v.startswith("certs:") for v in svc.get("volumes", [])), f"{name} mounts the CA"
+    produced = set()
+    for name in ca_jobs:
+        command = [str(a) for a in services[name]["command"]]
+        if "--out" in command:
+            found = volume_of(services[name], command[command.index("--out") + 1])
+            assert found is not None, f"{name} writes outside a shared volume"
+            produced.add(found)
+    serve = [str(a) for a in services["ca"]["command"]]
+    allowed_dns = {serve[i + 1] for i, arg in enumerate(serve) if arg == "--allow-dns"}
+    checked = 0
+    for name, svc in our_services().items():
+        args = parses(svc["command"])
+        if getattr(args, "config", None) is None:
+            continue
+        mounts = dict(reversed(v.split(":")[:2]) for v in svc.get("volumes", []))
+        identity = yaml.safe_load((ROOT / mounts[str(args.config)]).read_text())["identity"]
+        assert identity["issuer"] == "remote", f"{name} should get its SVID from the CA API"
+        for key in ("bundle", "join_token_file"):
+            assert volume_of(svc, identity["remote"][key]) in produced, f"{name}: nothing writes {key}"
+        assert set(identity["dns"]) <= allowed_dns, f"{name} asks for DNS SANs `ca serve` refuses"
+        checked += 1
+    assert checked == 3
+
+
 def opa_policy_set() -> regorus.Engine:
     """What the compose OPA server serves: every path on its command line, resolved through its volumes."""
     opa = compose()["services"]["opa"]
@@ -158,6 +197,25 @@ def test_compose_ca_bootstrap_is_idempotent(tmp_path, capsys):
     assert main(argv) == 0, "a second `docker compose up` must not fail the one-shot CA service"
     assert (tmp_path / "certs" / "bundle.pem").read_bytes() == bundle
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_compose_bootstrap_jobs_write_the_bundle_and_a_private_token(tmp_path, capsys):
+    services = compose()["services"]
+
+    def run(name: str) -> None:
+        argv = [str(a) for a in services[name]["command"]]
+        for container, host in (("/certs", tmp_path / "certs"), ("/trust", tmp_path / "trust"),
+                                ("/tokens", tmp_path / "tokens")):
+            argv = [str(host) + a[len(container):] if a.startswith(container) else a for a in argv]
+        assert main(argv) == 0, capsys.readouterr().err
+
+    for name in ("ca-init", "ca-bundle", "orders-token"):
+        run(name)
+    assert (tmp_path / "trust" / "bundle.pem").read_bytes() == (tmp_path / "certs" / "bundle.pem").read_bytes()
+    token = tmp_path / "tokens" / "orders"
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert len(token.read_text().strip()) > 30
+    assert token.read_text().strip() not in capsys.readouterr().out, "a token written to a file is not printed"
 
 
 def test_dockerfile_is_non_root_and_copies_existing_files():
