@@ -118,9 +118,14 @@ def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, 
         f"      allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory\n"
         f"  {curl}/items\n"
         f"      denied (403) by inventory's sidecar: only orders may call inventory\n\n"
-        f"Where to look: this log (sidecars log each refused caller); gateway health "
-        f"http://{admin_host}:{admin_port}/readyz; sidecars {mesh.admin_url('orders')}/readyz and "
-        f"{mesh.admin_url('inventory')}/readyz.\nStop: Ctrl-C\n")
+        f"Where to look:\n"
+        f"  this log   one decision line per policy check (\"route\":\"inbound\" is a sidecar's; the denied one has "
+        f"\"result\":\"deny\") and one access line per request, with its trace_id\n"
+        f"  gateway    http://{admin_host}:{admin_port}/readyz  /metrics  /certs  /policies\n"
+        f"  sidecars   {mesh.admin_url('orders')}/certs (orders' SVID, from the CA API with a join token) and "
+        f"{mesh.admin_url('inventory')}/readyz\n"
+        f"  traces     run with --otlp http://127.0.0.1:4317 next to a Jaeger (UI :16686): one trace per request "
+        f"across the gateway and both sidecars\nStop: Ctrl-C\n")
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """The demo mesh behind the gateway: orders and inventory, each a plain-HTTP app on loopback behind its own sidecar,
 all in the demo's process. orders calls inventory through its sidecar; the sidecars' Rego policy
-(demo/policies/mesh_inbound.rego) lets only the gateway call orders and only orders call inventory.
+(demo/policies/mesh_inbound.rego) lets only the gateway call orders and only orders call inventory. The sidecars
+get their SVIDs as in production: from the CA's issuance API (`ca serve`, here in-process) with a one-time join
+token, renewed over mTLS.
 
 Ports, from `base` (default 9100): apps base+1 (orders) and base+2 (inventory); sidecar inbound base+11 / base+12;
 orders' outbound base+21; sidecar admin base+31 / base+32.
@@ -8,6 +10,7 @@ orders' outbound base+21; sidecar admin base+31 / base+32.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,10 @@ from typing import Any
 from mesh_gateway import sidecar_config as sidecar_config_module
 from mesh_gateway.app import StartupError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
+from mesh_gateway.identity.issuer_api import IssuerServer, IssuerSettings
+from mesh_gateway.identity.join_tokens import JoinTokenStore
+from mesh_gateway.identity.local_issuer import LocalIssuer
+from mesh_gateway.model import SpiffeId
 from mesh_gateway.sidecar import Sidecar, first_svid
 
 TRUST_DOMAIN = "mesh.local"
@@ -23,6 +30,7 @@ GATEWAY_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/gateway"
 ORDERS_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/orders"
 INVENTORY_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/inventory"
 HOST = "127.0.0.1"
+TOKEN_TTL_S = 300.0
 POLICIES = Path(__file__).resolve().parent / "policies"
 
 
@@ -68,14 +76,24 @@ class MeshPorts:
     def inventory_admin(self) -> int:
         return self._at(32)
 
+    @property
+    def issuer(self) -> int:
+        return self._at(41)
+
+    @property
+    def issuer_bootstrap(self) -> int:
+        return self._at(42)
+
 
 def sidecar_config(ca_dir: Path, name: str, spiffe_id: str, *, app: int, inbound: int, admin: int,
-                   outbound: dict[str, Any], catalog: dict[str, Any], otlp: str | None
+                   outbound: dict[str, Any], catalog: dict[str, Any], otlp: str | None, issuer: IssuerServer
                    ) -> sidecar_config_module.SidecarConfig:
+    remote = {"address": f"{HOST}:{issuer.port}", "bootstrap_address": f"{HOST}:{issuer.bootstrap_port}",
+              "server_name": "localhost", "bundle": str(ca_dir / "bundle.pem")}
     return sidecar_config_module.parse({
         "trust_domain": TRUST_DOMAIN,
         "service": {"name": name, "address": HOST, "port": app},
-        "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir), "ttl": "24h"},
+        "identity": {"spiffe_id": spiffe_id, "issuer": "remote", "remote": remote, "dns": [], "ttl": "1h"},
         "inbound": {"address": f"{HOST}:{inbound}"},
         "outbound": outbound,
         "catalog": {"static": catalog},
@@ -118,6 +136,8 @@ def _listen(port: int) -> socket.socket:
 
 @dataclass
 class DemoMesh:
+    issuer: IssuerServer
+    tokens: JoinTokenStore
     apps: list[RunningApp] = field(default_factory=list)
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
 
@@ -134,7 +154,9 @@ class DemoMesh:
         return f"http://{host}:{port}"
 
     async def _add_sidecar(self, config: sidecar_config_module.SidecarConfig) -> Sidecar:
-        sidecar = Sidecar(config, await first_svid(config))
+        spiffe_id = SpiffeId.parse(config.identity.spiffe_id)
+        token = await asyncio.to_thread(self.tokens.create, spiffe_id, TOKEN_TTL_S)
+        sidecar = Sidecar(config, await first_svid(config, join_token=token))
         await sidecar.start()
         self.sidecars[config.service.name] = sidecar
         return sidecar
@@ -144,28 +166,41 @@ class DemoMesh:
             await sidecar.stop()
         for app in self.apps:
             await app.close()
+        await self.issuer.stop()
 
 
 async def start_mesh(ca_dir: Path, ports: MeshPorts, otlp: str | None = None) -> DemoMesh:
     """Each app's socket is bound first (its sidecar needs the port), then the sidecars, then orders' app (it needs
     its sidecar's outbound port). On any failure what was started is stopped again."""
-    mesh = DemoMesh()
-    inventory_sock = _listen(ports.inventory_app)
+    issuer = IssuerServer(LocalIssuer(ca_dir), IssuerSettings(
+        address=f"{HOST}:{ports.issuer}", bootstrap_address=f"{HOST}:{ports.issuer_bootstrap}"))
+    try:
+        await issuer.start()
+    except OSError as exc:
+        await issuer.stop()
+        raise StartupError(f"demo mesh: CA API: {exc} (try --mesh-ports)") from None
+    mesh = DemoMesh(issuer, JoinTokenStore(ca_dir))
+    try:
+        inventory_sock = _listen(ports.inventory_app)
+    except StartupError:
+        await issuer.stop()
+        raise
     try:
         orders_sock = _listen(ports.orders_app)
     except StartupError:
         inventory_sock.close()
+        await issuer.stop()
         raise
     try:
         mesh.apps.append(await start_app(inventory_app(), inventory_sock))
         inventory = await mesh._add_sidecar(sidecar_config(
             ca_dir, "inventory", INVENTORY_ID, app=inventory_sock.getsockname()[1], inbound=ports.inventory_inbound,
-            admin=ports.inventory_admin, outbound={"enabled": False}, catalog={}, otlp=otlp))
+            admin=ports.inventory_admin, outbound={"enabled": False}, catalog={}, otlp=otlp, issuer=issuer))
         orders = await mesh._add_sidecar(sidecar_config(
             ca_dir, "orders", ORDERS_ID, app=orders_sock.getsockname()[1], inbound=ports.orders_inbound,
             admin=ports.orders_admin, outbound={"address": f"{HOST}:{ports.orders_outbound}"},
             catalog={"inventory": [{"address": HOST, "port": inventory.addresses["inbound"][1],
-                                    "spiffe_id": INVENTORY_ID}]}, otlp=otlp))
+                                    "spiffe_id": INVENTORY_ID}]}, otlp=otlp, issuer=issuer))
         outbound_port = orders.addresses["outbound"][1]
         mesh.apps.append(await start_app(orders_app(f"http://{HOST}:{outbound_port}/inventory"), orders_sock))
     except BaseException:
