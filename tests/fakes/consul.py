@@ -1,0 +1,483 @@
+"""A fake Consul agent: a real aiohttp server speaking Consul's HTTP API, written from Consul's API docs.
+
+Covered: /v1/health/service/<name> and /v1/health/connect/<name> (passing, dc, stale, index/wait blocking),
+/v1/catalog/services, /v1/agent/service/register|deregister, /v1/agent/check/pass|warn|fail|update, ACL tokens
+(X-Consul-Token: unknown → 403 "ACL not found", missing rights → 403 "Permission denied" or results filtered with
+X-Consul-Results-Filtered-By-ACLs), sidecar_service registration with an alias check, TTL and HTTP checks that
+really run. Fault injection: 5xx answers, hanging requests, snapshot restore (index goes backwards, blocked
+queries abandoned), a cluster without a leader (only stale reads served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_WAIT_S = 600.0
+DEFAULT_WAIT_S = 300.0
+
+
+def parse_go_duration(text: str) -> float:
+    """Consul parses `wait` with Go's time.ParseDuration: "10s", "5m", "1m30s", "250ms"."""
+    if not text or _GO_DURATION.sub("", text) != "":
+        raise ValueError(f"invalid duration {text!r}")
+    return sum(float(n) * _UNIT[u] for n, u in _GO_DURATION.findall(text))
+
+
+@dataclass
+class Policy:
+    """What one ACL token may do. `"*"` grants every service."""
+
+    service_read: set[str] | str = field(default_factory=set)
+    service_write: set[str] | str = field(default_factory=set)
+
+    def can_read(self, service: str) -> bool:
+        return self.service_read == "*" or service in self.service_read or self.can_write(service)
+
+    def can_write(self, service: str) -> bool:
+        return self.service_write == "*" or service in self.service_write
+
+
+@dataclass
+class Check:
+    check_id: str
+    name: str
+    service_id: str
+    status: str = "critical"
+    output: str = ""
+    kind: str = ""
+    ttl_s: float | None = None
+    http: str | None = None
+    interval_s: float = 10.0
+    alias_service: str | None = None
+    modify_index: int = 0
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Instance:
+    service_id: str
+    name: str
+    address: str
+    port: int
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    kind: str = ""
+    proxy: dict[str, Any] = field(default_factory=dict)
+    native: bool = False
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the fake received it, for tests that assert what the client sent."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    token: str | None
+
+
+def _get(body: dict[str, Any], key: str, default: Any = None) -> Any:
+    """Consul decodes request JSON case-insensitively."""
+    for k, v in body.items():
+        if k.lower() == key.lower():
+            return v
+    return default
+
+
+class FakeConsul:
+    def __init__(self, *, datacenter: str = "dc1", node: str = "node-1", node_address: str = "127.0.0.1",
+                 tokens: dict[str, Policy] | None = None, anonymous: Policy | None = None) -> None:
+        self.datacenter, self.node, self.node_address = datacenter, node, node_address
+        self.node_id = str(uuid.UUID(int=random.getrandbits(128)))
+        self.acl = tokens is not None
+        self.tokens = tokens or {}
+        self.anonymous = anonymous or Policy()
+        self.index = 0
+        self.instances: dict[str, Instance] = {}
+        self.checks: dict[str, Check] = {}
+        self.seen: list[Seen] = []
+        self._touched: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._abandoned = 0
+        self._fail_status: int | None = None
+        self._fail_left: int | None = None
+        self._hang = asyncio.Event()
+        self._hang.set()
+        self.leader = True
+        self._sidecar_ports = iter(range(21000, 21255))
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self, ssl_context: Any = None) -> str:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/v1/health/service/{name}", self._health_service)
+        app.router.add_get("/v1/health/connect/{name}", self._health_connect)
+        app.router.add_get("/v1/catalog/services", self._catalog_services)
+        app.router.add_put("/v1/agent/service/register", self._agent_register)
+        app.router.add_put("/v1/agent/service/deregister/{id}", self._agent_deregister)
+        app.router.add_put("/v1/agent/check/{verb:pass|warn|fail}/{id}", self._agent_check_verb)
+        app.router.add_put("/v1/agent/check/update/{id}", self._agent_check_update)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        return self.url
+
+    async def close(self) -> None:
+        self._hang.set()
+        for check in self.checks.values():
+            self._stop_check(check)
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ---- state changes (tests call these directly or through the agent API) ----------------------------------
+    def _bump(self, *services: str) -> int:
+        self.index += 1
+        for name in services:
+            self._touched[name] = self.index
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return self.index
+
+    def register(self, name: str, port: int, *, service_id: str | None = None, address: str = "",
+                 tags: Iterable[str] = (), meta: dict[str, str] | None = None, kind: str = "",
+                 proxy: dict[str, Any] | None = None, native: bool = False,
+                 checks: Iterable[dict[str, Any]] = (), status: str | None = None) -> Instance:
+        """Register (or replace) a service instance; `status` adds a TTL check already in that state."""
+        service_id = service_id or name
+        if service_id in self.instances:
+            self._drop(service_id)
+        destination = (proxy or {}).get("DestinationServiceName", "")
+        index = self._bump(name, f"connect:{destination or name}")
+        inst = Instance(service_id, name, address, port, list(tags), dict(meta or {}), kind, dict(proxy or {}),
+                        native, index, index)
+        self.instances[service_id] = inst
+        definitions = list(checks)
+        if status is not None:
+            definitions.append({"TTL": "1h", "Status": status})
+        for n, definition in enumerate(definitions, start=1):
+            check_id = _get(definition, "CheckID") or (f"service:{service_id}" if len(definitions) == 1
+                                                       else f"service:{service_id}:{n}")
+            self._add_check(inst, check_id, definition)
+        return inst
+
+    def _add_check(self, inst: Instance, check_id: str, definition: dict[str, Any]) -> None:
+        ttl, http = _get(definition, "TTL"), _get(definition, "HTTP")
+        alias = _get(definition, "AliasService")
+        check = Check(check_id, _get(definition, "Name") or f"Service '{inst.name}' check", inst.service_id,
+                      status=_get(definition, "Status") or ("passing" if alias else "critical"),
+                      kind="ttl" if ttl else "http" if http else "alias" if alias else "",
+                      ttl_s=parse_go_duration(ttl) if ttl else None, http=http,
+                      interval_s=parse_go_duration(_get(definition, "Interval") or "10s"),
+                      alias_service=alias, modify_index=self.index)
+        self.checks[check_id] = check
+        loop = asyncio.get_running_loop()
+        if check.ttl_s is not None:
+            check.timer = loop.call_later(check.ttl_s, self._ttl_expired, check_id)
+        if check.http is not None:
+            check.task = loop.create_task(self._run_http_check(check))
+
+    def deregister(self, service_id: str) -> None:
+        inst = self.instances.get(service_id)
+        if inst is None:
+            raise KeyError(service_id)
+        self._drop(service_id)
+        for sidecar in [i for i in self.instances.values() if i.proxy.get("DestinationServiceID") == service_id]:
+            self._drop(sidecar.service_id)
+        self._bump(inst.name, f"connect:{inst.proxy.get('DestinationServiceName') or inst.name}")
+
+    def _drop(self, service_id: str) -> None:
+        self.instances.pop(service_id, None)
+        for check_id in [c.check_id for c in self.checks.values() if c.service_id == service_id]:
+            self._stop_check(self.checks.pop(check_id))
+
+    def set_status(self, check_id: str, status: str, output: str = "") -> None:
+        check = self.checks[check_id]
+        if (check.status, check.output) == (status, output):
+            return
+        check.status, check.output = status, output
+        inst = self.instances[check.service_id]
+        names = [inst.name, f"connect:{inst.name}"]
+        for sidecar in self.instances.values():
+            if sidecar.proxy.get("DestinationServiceID") == inst.service_id:
+                names += [sidecar.name]
+        check.modify_index = self._bump(*names)
+
+    def _ttl_expired(self, check_id: str) -> None:
+        if check_id in self.checks:
+            self.set_status(check_id, "critical", "TTL expired")
+
+    async def _run_http_check(self, check: Check) -> None:
+        """Consul's HTTP check: 2xx passing, 429 warning, anything else critical."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        while True:
+            try:
+                async with self._http.get(check.http or "", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    status = "passing" if 200 <= resp.status < 300 else "warning" if resp.status == 429 \
+                        else "critical"
+                    self.set_status(check.check_id, status, f"HTTP GET: {resp.status}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.set_status(check.check_id, "critical", f"HTTP GET failed: {exc}")
+            await asyncio.sleep(check.interval_s)
+
+    @staticmethod
+    def _stop_check(check: Check) -> None:
+        if check.timer is not None:
+            check.timer.cancel()
+        if check.task is not None:
+            check.task.cancel()
+
+    # ---- fault injection -------------------------------------------------------------------------------------
+    def fail(self, status: int = 500, times: int | None = None) -> None:
+        """Answer the next `times` requests (or all, until heal) with `status`."""
+        self._fail_status, self._fail_left = status, times
+
+    def hang(self) -> None:
+        """Hold every request open until heal() (a partitioned or overloaded agent)."""
+        self._hang.clear()
+
+    def heal(self) -> None:
+        self._fail_status = self._fail_left = None
+        self._hang.set()
+
+    def restore_snapshot(self, index: int) -> None:
+        """A snapshot restore: the raft index goes back and blocked queries are abandoned (answered at once)."""
+        self.index = index
+        self._touched = {k: min(v, index) for k, v in self._touched.items()}
+        self._abandoned += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ---- HTTP ------------------------------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        token = request.headers.get("X-Consul-Token") or _bearer(request) or request.query.get("token")
+        self.seen.append(Seen(request.method, request.path, dict(request.query), token))
+        await self._hang.wait()
+        if self._fail_status is not None:
+            if self._fail_left is not None:
+                self._fail_left -= 1
+                if self._fail_left <= 0:
+                    self._fail_status, self._fail_left = None, None
+            return web.Response(status=self._fail_status or 500, text="rpc error making call: injected failure")
+        if request.query.get("dc", self.datacenter) != self.datacenter:
+            return web.Response(status=500, text="No path to datacenter")
+        if token and token not in self.tokens and self.acl:
+            return web.Response(status=403, text="ACL not found")
+        if not self.leader and request.method == "GET" and "stale" not in request.query:
+            return web.Response(status=500, text="No cluster leader")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _policy(self, request: web.Request) -> Policy:
+        if not self.acl:
+            return Policy(service_read="*", service_write="*")
+        token = request.headers.get("X-Consul-Token") or _bearer(request) or request.query.get("token")
+        return self.tokens[token] if token else self.anonymous
+
+    async def _blocking(self, request: web.Request, compute: Callable[[], tuple[int, Any, bool]]) -> web.Response:
+        """Consul's blockingQuery: answer when the result's index passes `index`, the wait ends, or on abandon."""
+        try:
+            min_index = int(request.query.get("index", "0"))
+            wait = min(parse_go_duration(request.query["wait"]), MAX_WAIT_S) if "wait" in request.query \
+                else DEFAULT_WAIT_S
+        except ValueError as exc:
+            return web.Response(status=400, text=f"Invalid blocking query parameter: {exc}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait + random.uniform(0, wait / 16)
+        abandoned = self._abandoned
+        while True:
+            changed = self._changed
+            index, payload, filtered = compute()
+            if min_index == 0 or index > min_index or self._abandoned != abandoned or loop.time() >= deadline:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+        headers = {"X-Consul-Index": str(index), "X-Consul-KnownLeader": str(self.leader).lower(),
+                   "X-Consul-LastContact": "0" if self.leader else "120000", "Content-Type": "application/json"}
+        if filtered:
+            headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return web.Response(text=json.dumps(payload), headers=headers)
+
+    def _index_for(self, key: str) -> int:
+        return self._touched.get(key, self.index)
+
+    def _entry(self, inst: Instance) -> dict[str, Any]:
+        checks = [c for c in self.checks.values() if c.service_id == inst.service_id]
+        return {
+            "Node": {"ID": self.node_id, "Node": self.node, "Address": self.node_address,
+                     "Datacenter": self.datacenter, "TaggedAddresses": {"lan": self.node_address},
+                     "Meta": {"consul-network-segment": ""}},
+            "Service": {"ID": inst.service_id, "Service": inst.name, "Tags": inst.tags, "Address": inst.address,
+                        "Meta": inst.meta, "Port": inst.port, "Weights": {"Passing": 1, "Warning": 1},
+                        "EnableTagOverride": False, "Kind": inst.kind, "Proxy": inst.proxy,
+                        "Connect": {"Native": True} if inst.native else {},
+                        "CreateIndex": inst.create_index, "ModifyIndex": inst.modify_index},
+            "Checks": [{"Node": self.node, "CheckID": "serfHealth", "Name": "Serf Health Status",
+                        "Status": "passing", "Output": "Agent alive and reachable", "ServiceID": "",
+                        "ServiceName": "", "Type": ""}]
+            + [{"Node": self.node, "CheckID": c.check_id, "Name": c.name, "Status": self._status(c),
+                "Output": c.output, "ServiceID": inst.service_id, "ServiceName": inst.name,
+                "ServiceTags": inst.tags, "Type": c.kind, "ModifyIndex": c.modify_index} for c in checks],
+        }
+
+    def _status(self, check: Check) -> str:
+        if check.alias_service is None:
+            return check.status
+        targets = [c.status for c in self.checks.values() if c.service_id == check.alias_service]
+        for worst in ("critical", "warning"):
+            if worst in targets:
+                return worst
+        return "passing"
+
+    def _health(self, request: web.Request, connect: bool) -> tuple[int, Any, bool]:
+        name = request.match_info["name"]
+        passing = request.query.get("passing", "false").lower() not in ("false", "0")
+        if connect:
+            chosen = [i for i in self.instances.values()
+                      if (i.kind == "connect-proxy" and i.proxy.get("DestinationServiceName") == name)
+                      or (i.native and i.name == name)]
+        else:
+            chosen = [i for i in self.instances.values() if i.name == name]
+        entries = [self._entry(i) for i in sorted(chosen, key=lambda i: i.service_id)]
+        if passing:
+            entries = [e for e in entries if all(c["Status"] == "passing" for c in e["Checks"])]
+        if tag := request.query.get("tag"):
+            entries = [e for e in entries if tag in e["Service"]["Tags"]]
+        policy = self._policy(request)
+        visible = [e for e in entries if policy.can_read(e["Service"]["Service"])]
+        index = max(1, self._index_for(f"connect:{name}" if connect else name)) if self.index else 0
+        return index, visible, len(visible) != len(entries) or (self.acl and not policy.can_read(name))
+
+    async def _health_service(self, request: web.Request) -> web.Response:
+        return await self._blocking(request, lambda: self._health(request, connect=False))
+
+    async def _health_connect(self, request: web.Request) -> web.Response:
+        # Connect queries check service:read on the destination up front instead of filtering.
+        if not self._policy(request).can_read(request.match_info["name"]):
+            return _denied("service:read", request.match_info["name"])
+        return await self._blocking(request, lambda: self._health(request, connect=True))
+
+    async def _catalog_services(self, request: web.Request) -> web.Response:
+        def compute() -> tuple[int, Any, bool]:
+            policy = self._policy(request)
+            names: dict[str, set[str]] = {}
+            for inst in self.instances.values():
+                names.setdefault(inst.name, set()).update(inst.tags)
+            visible = {n: sorted(t) for n, t in sorted(names.items()) if policy.can_read(n)}
+            return self.index, visible, len(visible) != len(names)
+
+        return await self._blocking(request, compute)
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="Request decode failed: invalid JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="Request decode failed: expected an object")
+        return body
+
+    async def _agent_register(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        name = _get(body, "Name")
+        if not name:
+            return web.Response(status=400, text="Invalid Service: Missing service name")
+        if not self._policy(request).can_write(name):
+            return _denied("service:write", name)
+        checks = list(_get(body, "Checks") or []) + ([_get(body, "Check")] if _get(body, "Check") else [])
+        connect = _get(body, "Connect") or {}
+        service_id = _get(body, "ID") or name
+        self.register(name, int(_get(body, "Port", 0)), service_id=service_id, address=_get(body, "Address", ""),
+                      tags=_get(body, "Tags") or [], meta=_get(body, "Meta") or {}, kind=_get(body, "Kind", ""),
+                      proxy=_get(body, "Proxy") or {}, native=bool(_get(connect, "Native", False)), checks=checks)
+        sidecar = _get(connect, "SidecarService")
+        if sidecar is not None:
+            # Consul's sidecar defaults: ID <id>-sidecar-proxy, a port from 21000-21255, the parent's tags and
+            # meta, and an alias check so the proxy is exactly as healthy as the service behind it.
+            self.register(f"{name}-sidecar-proxy", int(_get(sidecar, "Port") or next(self._sidecar_ports)),
+                          service_id=f"{service_id}-sidecar-proxy", address=_get(sidecar, "Address") or "",
+                          tags=_get(sidecar, "Tags") or _get(body, "Tags") or [],
+                          meta=_get(sidecar, "Meta") or _get(body, "Meta") or {}, kind="connect-proxy",
+                          proxy={"DestinationServiceName": name, "DestinationServiceID": service_id},
+                          checks=[{"Name": f"Connect Sidecar Aliasing {service_id}", "AliasService": service_id}])
+        return web.Response(text="")
+
+    async def _agent_deregister(self, request: web.Request) -> web.Response:
+        inst = self.instances.get(request.match_info["id"])
+        if inst is None:
+            return web.Response(status=404, text=f'Unknown service ID "{request.match_info["id"]}".')
+        if not self._policy(request).can_write(inst.name):
+            return _denied("service:write", inst.name)
+        self.deregister(inst.service_id)
+        return web.Response(text="")
+
+    def _writable_check(self, request: web.Request) -> Check | web.Response:
+        check = self.checks.get(request.match_info["id"])
+        if check is None:
+            return web.Response(status=404, text=f'Unknown check ID "{request.match_info["id"]}".')
+        name = self.instances[check.service_id].name
+        if not self._policy(request).can_write(name):
+            return _denied("service:write", name)
+        if check.ttl_s is None:
+            return web.Response(status=500, text=f'CheckID "{check.check_id}" does not have associated TTL')
+        return check
+
+    def _ttl_update(self, check: Check, status: str, output: str) -> None:
+        assert check.ttl_s is not None
+        if check.timer is not None:
+            check.timer.cancel()
+        check.timer = asyncio.get_running_loop().call_later(check.ttl_s, self._ttl_expired, check.check_id)
+        self.set_status(check.check_id, status, output)
+
+    async def _agent_check_verb(self, request: web.Request) -> web.Response:
+        check = self._writable_check(request)
+        if isinstance(check, web.Response):
+            return check
+        status = {"pass": "passing", "warn": "warning", "fail": "critical"}[request.match_info["verb"]]
+        self._ttl_update(check, status, request.query.get("note", ""))
+        return web.Response(text="")
+
+    async def _agent_check_update(self, request: web.Request) -> web.Response:
+        check = self._writable_check(request)
+        if isinstance(check, web.Response):
+            return check
+        body = await self._json(request)
+        status = _get(body, "Status", "")
+        if status not in ("passing", "warning", "critical"):
+            return web.Response(status=400, text=f'Invalid check status: "{status}"')
+        self._ttl_update(check, status, str(_get(body, "Output", "")))
+        return web.Response(text="")
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth.startswith("Bearer ") else None
+
+
+def _denied(permission: str, resource: str) -> web.Response:
+    return web.Response(status=403, text=f"Permission denied: token lacks permission '{permission}' on "
+                                         f'"{resource}"')
