@@ -8,21 +8,30 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from mesh_gateway import config as cfg
+from mesh_gateway.discovery.consul import ConsulWatcher
+from mesh_gateway.discovery.consul_client import ConsulClient
+from mesh_gateway.discovery.register import Registrar
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
+from mesh_gateway.edges.clusters import clusters_view
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.tls import ServerTls
-from mesh_gateway.model import Catalog, Credentials, SpiffeId
+from mesh_gateway.model import Catalog, Credentials, Route, RouteTable, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.upstream.balancing import HealthAwarePicker
+from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.upstream.outlier import OutlierDetector
+from mesh_gateway.upstream.retry import ResilientForwarder
 from mesh_gateway.watch import Watch
 
 log = logging.getLogger("mesh_gateway")
@@ -50,7 +59,8 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
 
 
 class Gateway:
-    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None) -> None:
+    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
         try:
@@ -59,16 +69,33 @@ class Gateway:
         except CAError as exc:
             raise StartupError(f"identity: {exc}") from None
         self.credentials: Watch[Credentials] = Watch(first)
-        self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
-        self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
+        static = catalog_from_config(config.catalog)
+        self.consul: ConsulWatcher | None = None
+        self.registrar: Registrar | None = None
+        if config.discovery.consul is not None:
+            self.consul = ConsulWatcher(ConsulClient(config.discovery.consul), trust_domain=config.trust_domain,
+                                        static=static)
+            self.catalog: Watch[Catalog] = self.consul.catalog
+        else:
+            self.catalog = Watch(static)
+        self.file_routes = routes_from_config(config)
+        self.routes: Watch[CompiledRoutes] = Watch(compile_routes(self.file_routes))
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
+        self.outlier = OutlierDetector(config.resilience.outlier, clock)
+        self.picker = HealthAwarePicker(config.resilience, self.outlier)
+        self.circuits = Circuits(config.resilience)
+        resilient = ResilientForwarder(self.forwarder, picker=self.picker, outlier=self.outlier,
+                                       circuits=self.circuits, catalog=self.catalog, settings=config.resilience)
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id)
+                                 forwarder=resilient, gateway_id=lambda: self.gateway_id, picker=self.picker)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        self.admin.add_json_view("/clusters", lambda: clusters_view(
+            self.catalog.get(), outlier=self.outlier, picker=self.picker, circuits=self.circuits,
+            consul=self.consul))
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -119,15 +146,50 @@ class Gateway:
         self._runners.append(admin_runner)
         self.addresses["admin"] = admin_sock.getsockname()[:2]
         self._started = True
+        self._start_discovery()
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
 
+    def _start_discovery(self) -> None:
+        consul_settings = self.config.discovery.consul
+        if self.consul is None or consul_settings is None:
+            return
+        self.supervisor.start("consul-watcher", self.consul.run)
+        self.supervisor.start("consul-routes", self._follow_consul_routes)
+        registration = consul_settings.registration
+        if registration.enabled:
+            host, port = self.addresses[self.config.listeners[0].name]
+            admin_host, admin_port = self.addresses["admin"]
+            self.registrar = Registrar(ConsulClient(consul_settings), registration,
+                                       address=registration.address or host, port=registration.port or port,
+                                       check_url=f"http://{admin_host}:{admin_port}/readyz",
+                                       ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
+            self.supervisor.start("consul-register", self.registrar.run)
+
+    async def _follow_consul_routes(self) -> None:
+        """File routes first, then tag-driven routes from Consul (a file route's name wins)."""
+        assert self.consul is not None
+        watch = self.consul.routes
+        names = {route.name for route in self.file_routes.routes}
+        version = watch.version
+        while True:
+            if not await watch.changed(version, timeout_s=3600.0):
+                continue
+            version = watch.version
+            discovered: tuple[Route, ...] = tuple(r for r in watch.get() if r.name not in names)
+            self.routes.publish(compile_routes(RouteTable(self.file_routes.routes + discovered)))
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
+        if self.registrar is not None:
+            # Out of Consul first, so new traffic goes elsewhere while we drain.
+            await self.registrar.deregister()
         self._started = False
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         await self.supervisor.stop()
+        if self.registrar is not None:
+            await self.registrar.close()
         await self.forwarder.close()
 
 

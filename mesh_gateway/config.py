@@ -175,6 +175,9 @@ class Route(Model):
     retries: int = Field(default=1, ge=0, le=5)
     per_try_timeout_s: float | None = Field(default=None, gt=0)
     """Bound on each upstream attempt when retries are on; omitted → timeout_s."""
+    upstream_security: Literal["mtls", "tls", "plain"] = "mtls"
+    """Weakest transport accepted to Consul-discovered endpoints: a service registered for plaintext or one-way
+    TLS is reachable only through a route that says so (static endpoints are explicit already)."""
 
 
 class Limits(Model):

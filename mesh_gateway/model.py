@@ -113,6 +113,7 @@ class RoutePolicy:
     max_body_bytes: int = 10 * 1024 * 1024
     retries: int = 1
     per_try_timeout_s: float | None = None
+    upstream_security: TlsMode = "mtls"
     authz_enabled: bool = True
     authz_failure_mode_allow: bool = False
     authz_dry_run: bool = False

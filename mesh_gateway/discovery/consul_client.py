@@ -26,6 +26,10 @@ MAX_ANSWER_BYTES = 32 * 1024 * 1024
 class ConsulError(Exception):
     """Consul could not be asked or did not answer usefully; the caller keeps its last good state."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class ConsulUnavailable(ConsulError):
     pass
@@ -147,7 +151,7 @@ class ConsulClient:
         if status == 403:
             # Re-read the token file so a rotated token is used on the next attempt.
             self._token = self._read_token()
-            raise ConsulAclError(f"{method} {path}: 403 {text.strip()[:200]}")
+            raise ConsulAclError(f"{method} {path}: 403 {text.strip()[:200]}", status)
         if status != 200:
-            raise ConsulUnavailable(f"{method} {path}: HTTP {status} {text.strip()[:200]}")
+            raise ConsulUnavailable(f"{method} {path}: HTTP {status} {text.strip()[:200]}", status)
         return status, text, headers

@@ -37,6 +37,8 @@ def route_from_config(route: cfg.Route, limits: cfg.Limits) -> Route:
         idle_timeout_s=route.idle_timeout_s,
         max_body_bytes=route.max_body_bytes if route.max_body_bytes is not None else limits.max_body_bytes,
         retries=route.retries,
+        per_try_timeout_s=route.per_try_timeout_s,
+        upstream_security=route.upstream_security,
     )
     return Route(name=route.name, match=match, service=route.service, policy=policy)
 

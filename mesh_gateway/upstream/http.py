@@ -20,6 +20,7 @@ from yarl import URL
 from mesh_gateway.errors import (
     GatewayError,
     PayloadTooLarge,
+    UpstreamConnectFailed,
     UpstreamIdentityMismatch,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -117,8 +118,15 @@ class HttpForwarder:
             raise
         except BodyTooLarge:
             raise PayloadTooLarge("request body over the cap") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, GatewayError):
+                raise cause from None
+            raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
             cause = _cause(exc)
             if isinstance(cause, GatewayError):
