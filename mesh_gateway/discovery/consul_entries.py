@@ -87,7 +87,8 @@ def endpoints_from_entries(service: str, entries: Any, mode: Mode,
         try:
             endpoint = endpoint_from_entry(service, entry if isinstance(entry, dict) else {}, mode, rule)
         except ValueError as exc:
-            service_id = ((entry or {}).get("Service") or {}).get("ID", "?") if isinstance(entry, dict) else "?"
+            svc = entry.get("Service") if isinstance(entry, dict) else None
+            service_id = svc.get("ID", "?") if isinstance(svc, dict) else "?"
             warnings.append(f"{service}: instance {service_id} skipped: {exc}")
             continue
         found.setdefault(endpoint.key, endpoint)

@@ -115,6 +115,7 @@ class FakeConsul:
         self._touched: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._abandoned = 0
+        self._closing = False
         self._fail_status: int | None = None
         self._fail_left: int | None = None
         self._hang = asyncio.Event()
@@ -135,7 +136,7 @@ class FakeConsul:
         app.router.add_put("/v1/agent/service/deregister/{id}", self._agent_deregister)
         app.router.add_put("/v1/agent/check/{verb:pass|warn|fail}/{id}", self._agent_check_verb)
         app.router.add_put("/v1/agent/check/update/{id}", self._agent_check_update)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
@@ -144,6 +145,8 @@ class FakeConsul:
         return self.url
 
     async def close(self) -> None:
+        self._closing = True
+        self._changed.set()
         self._hang.set()
         for check in self.checks.values():
             self._stop_check(check)
@@ -263,8 +266,11 @@ class FakeConsul:
         self._fail_status = self._fail_left = None
         self._hang.set()
 
-    def restore_snapshot(self, index: int) -> None:
-        """A snapshot restore: the raft index goes back and blocked queries are abandoned (answered at once)."""
+    def restore_snapshot(self, index: int, *, without: Iterable[str] = ()) -> None:
+        """A snapshot restore: the raft index goes back, the state becomes the snapshot's (here: the current one
+        minus the service IDs in `without`), and blocked queries are abandoned (answered at once)."""
+        for service_id in without:
+            self._drop(service_id)
         self.index = index
         self._touched = {k: min(v, index) for k, v in self._touched.items()}
         self._abandoned += 1
@@ -312,7 +318,8 @@ class FakeConsul:
         while True:
             changed = self._changed
             index, payload, filtered = compute()
-            if min_index == 0 or index > min_index or self._abandoned != abandoned or loop.time() >= deadline:
+            if (min_index == 0 or index > min_index or self._abandoned != abandoned or loop.time() >= deadline
+                    or self._closing):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), deadline - loop.time())
