@@ -137,7 +137,8 @@ def test_catalog_tags_select_services_and_order_routes_by_specificity():
     catalog = {"consul": [], "a": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a"],
                "b": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a/b"],
                "c": ["mesh-gateway.enable=true", "mesh-gateway.route.host=c.example.com"],
-               "bad": ["mesh-gateway.enable=true"], "untagged": ["mesh-gateway.route.path_prefix=/x"]}
+               "bad": ["mesh-gateway.enable=true"], "untagged": ["mesh-gateway.route.path_prefix=/x"],
+               "a-sidecar-proxy": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a"]}
     tagged = tagged_services(catalog)
     assert set(tagged) == {"a", "b", "c", "bad"}
     routes, invalid = routes_from_catalog(tagged)

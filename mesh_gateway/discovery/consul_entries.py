@@ -95,12 +95,18 @@ def endpoints_from_entries(service: str, entries: Any, mode: Mode,
     return tuple(sorted(found.values(), key=lambda e: (e.address, e.port))), warnings
 
 
+SIDECAR_SUFFIX = "-sidecar-proxy"
+
+
 def tagged_services(services: Any) -> dict[str, tuple[str, ...]]:
-    """/v1/catalog/services ({name: [tags]}) → the services that opted in with mesh-gateway.enable=true."""
+    """/v1/catalog/services ({name: [tags]}) → the services that opted in with mesh-gateway.enable=true.
+
+    A `sidecar_service` inherits its parent's tags under the name <parent>-sidecar-proxy; it is how we reach the
+    parent, not a service of its own, so it gets no watch and no route."""
     if not isinstance(services, dict):
         return {}
     return {name: tuple(t for t in tags if isinstance(t, str)) for name, tags in services.items()
-            if isinstance(tags, list) and ENABLE_TAG in tags}
+            if isinstance(tags, list) and ENABLE_TAG in tags and not name.endswith(SIDECAR_SUFFIX)}
 
 
 def route_from_tags(service: str, tags: Iterable[str]) -> Route:

@@ -73,6 +73,9 @@ class HttpForwarder:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   skip_auto_headers=_SKIP_AUTO_HEADERS,
                                                   cookie_jar=aiohttp.DummyCookieJar())
+            # Retries belong to upstream/retry.py (another endpoint, the route's budget, body replay rules);
+            # aiohttp's own silent resend of idempotent requests to the same endpoint would double them.
+            self._session._retry_connection = False
         return self._session
 
     async def close(self) -> None:
