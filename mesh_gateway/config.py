@@ -93,6 +93,10 @@ class Listener(Model):
     address: HostPort
     tls: ListenerTls | None = None
     """Omitted → plain HTTP (for local use behind another load balancer)."""
+    protocol: Literal["http", "grpc"] = "http"
+    """http: HTTP/1.1 + WebSocket, and HTTP/2 via ALPN on TLS; grpc: a grpc.aio server (see docs/protocols.md)."""
+    http2: bool = True
+    """Offer `h2` in ALPN next to `http/1.1` (TLS http listeners only)."""
 
 
 class Identity(Model):
@@ -126,6 +130,13 @@ class Catalog(Model):
     static: dict[str, tuple[StaticEndpoint, ...]] = Field(default_factory=dict)
 
 
+class GrpcMatch(Model):
+    service: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+    """Fully qualified service name, e.g. `pkg.Service`."""
+    method: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Omitted → every method of the service."""
+
+
 class RouteMatch(Model):
     host: str = "*"
     path_prefix: str | None = None
@@ -133,6 +144,7 @@ class RouteMatch(Model):
     path_regex: str | None = None
     methods: tuple[str, ...] = ()
     headers: dict[str, str] = Field(default_factory=dict)
+    grpc: GrpcMatch | None = None
 
     @field_validator("path_prefix", "path")
     @classmethod
@@ -161,6 +173,54 @@ class RouteMatch(Model):
         given = [k for k in ("path_prefix", "path", "path_regex") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of path_prefix, path, path_regex (got {', '.join(given)})")
+        if self.grpc is not None and given:
+            raise ValueError(f"grpc matches on /service/method already; drop {given[0]}")
+        return self
+
+
+_QUERY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def normalise_query(value: Any) -> str:
+    """`envoy.authz.allow`, `envoy/authz/allow` and `data.envoy.authz.allow` all name the same rule."""
+    text = str(value).strip().replace("/", ".")
+    text = text if text.startswith("data.") else f"data.{text}"
+    if not _QUERY.match(text):
+        raise ValueError("expected a rule path such as data.envoy.authz.allow")
+    return text
+
+
+RegoQuery = Annotated[str, BeforeValidator(normalise_query)]
+
+
+class RouteAuthzCache(Model):
+    ttl_s: float = Field(default=5.0, gt=0, le=3600)
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    headers: tuple[str, ...] = ()
+    """Request headers whose values join the cache key (lower-cased)."""
+
+    @field_validator("headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+def _route_authz_shorthand(value: Any) -> Any:
+    return {"disabled": True} if value == "disabled" else value
+
+
+class RouteAuthz(Model):
+    disabled: bool = False
+    failure_mode_allow: bool = False
+    dry_run: bool = False
+    query: RegoQuery | None = None
+    include_body_bytes: int = Field(default=0, ge=0, le=1024 * 1024)
+    cache: RouteAuthzCache | None = None
+
+    @model_validator(mode="after")
+    def _body_not_cached(self) -> RouteAuthz:
+        if self.cache is not None and self.include_body_bytes:
+            raise ValueError("cache cannot be combined with include_body_bytes (the body is not in the cache key)")
         return self
 
 
@@ -178,6 +238,7 @@ class Route(Model):
     upstream_security: Literal["mtls", "tls", "plain"] = "mtls"
     """Weakest transport accepted to Consul-discovered endpoints: a service registered for plaintext or one-way
     TLS is reachable only through a route that says so (static endpoints are explicit already)."""
+    authz: Annotated[RouteAuthz, BeforeValidator(_route_authz_shorthand)] = RouteAuthz()
 
 
 class Limits(Model):
@@ -193,6 +254,38 @@ class Upstream(Model):
     connect_timeout_s: float = Field(default=2.0, gt=0)
     pool_size: int = Field(default=256, ge=1)
     keepalive_s: float = Field(default=30.0, gt=0)
+
+
+class GrpcSettings(Model):
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest single message accepted from a client or an upstream."""
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    """Per grpc listener; beyond it calls fail fast with RESOURCE_EXHAUSTED."""
+    max_channels: int = Field(default=256, ge=1)
+    """Upstream channels kept (one per endpoint and credentials generation); the least recently used goes first."""
+    channel_grace_s: float = Field(default=30.0, gt=0)
+    """How long calls on a channel retired by rotation may run on before they are cancelled."""
+
+
+class Http2Settings(Model):
+    max_concurrent_streams: int = Field(default=100, ge=1)
+    initial_window_bytes: int = Field(default=1024 * 1024, ge=65535, le=2**31 - 1)
+    """Per-stream receive window: how much request body is buffered before the client must wait."""
+
+
+class WebSocketSettings(Model):
+    enabled: bool = True
+    max_message_bytes: int = Field(default=1024 * 1024, ge=125)
+    """Larger messages close the side that sent them with 1009 (message too big)."""
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    """No message either way for this long closes both sides with 1001 (going away)."""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class Protocols(Model):
+    grpc: GrpcSettings = GrpcSettings()
+    http2: Http2Settings = Http2Settings()
+    websocket: WebSocketSettings = WebSocketSettings()
 
 
 class Admin(Model):
@@ -324,6 +417,114 @@ class Resilience(Model):
 
 
 
+Propagator = Literal["w3c", "b3", "b3multi"]
+_DEFAULT_OTLP_ENDPOINT = {"otlp_grpc": "http://127.0.0.1:4317", "otlp_http": "http://127.0.0.1:4318/v1/traces"}
+
+
+class Tracing(Model):
+    exporter: Literal["otlp_grpc", "otlp_http", "none"] = "none"
+    """Off unless asked for (no collector to fail against); `none` still propagates trace context upstream."""
+    endpoint: str | None = None
+    """Omitted → http://127.0.0.1:4317 (gRPC) or http://127.0.0.1:4318/v1/traces (HTTP). https:// → TLS."""
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    """Sent with every export (e.g. an API key); hidden from repr and /config."""
+    ca_file: Path | None = None
+    """PEM roots for an https:// collector; omitted → the system roots."""
+    sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a sampled or unsampled parent is always followed."""
+    propagators: tuple[Propagator, ...] = ("w3c",)
+    """Formats injected upstream; extraction always accepts W3C, baggage, B3 single and multi."""
+    max_queue_size: int = Field(default=2048, ge=1)
+    max_export_batch_size: int = Field(default=512, ge=1)
+    export_delay_s: float = Field(default=1.0, gt=0, le=60)
+    export_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    shutdown_timeout_s: float = Field(default=5.0, ge=0, le=60)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("propagators")
+    @classmethod
+    def _some_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("give at least one of w3c, b3, b3multi")
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate propagator")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Tracing:
+        if self.max_export_batch_size > self.max_queue_size:
+            raise _KeyError(("telemetry", "tracing", "max_export_batch_size"), "must not exceed max_queue_size")
+        if self.ca_file is not None and not self.effective_endpoint.startswith("https://"):
+            raise _KeyError(("telemetry", "tracing", "ca_file"), "only used with an https:// endpoint")
+        return self
+
+    @property
+    def effective_endpoint(self) -> str:
+        return self.endpoint or _DEFAULT_OTLP_ENDPOINT.get(self.exporter, "")
+
+
+class AccessLog(Model):
+    enabled: bool = True
+    path: str = "-"
+    """`-` → stdout; otherwise a file opened for append."""
+    include_query: bool = False
+    """Query strings often carry tokens, so they are left out unless asked for."""
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    buffer_bytes: int = Field(default=65536, ge=0, le=16 * 1024 * 1024)
+
+
+class Metrics(Model):
+    enabled: bool = True
+
+
+class Telemetry(Model):
+    service_name: str = Field(default="mesh-gateway", min_length=1)
+    tracing: Tracing = Tracing()
+    access_log: AccessLog = AccessLog()
+    metrics: Metrics = Metrics()
+
+
+class OpaServer(Model):
+    url: str = Field(pattern=r"^https?://[^/]+(/.*)?$")
+    timeout_ms: int = Field(default=200, ge=1, le=60_000)
+    ca_file: Path | None = None
+    pool_size: int = Field(default=64, ge=1, le=4096)
+
+
+class DecisionLogConfig(Model):
+    sink: str = "stderr"
+    """`stderr`, `off`, or a file path (appended to)."""
+    redact_headers: tuple[str, ...] = ("authorization", "cookie", "proxy-authorization", "set-cookie")
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in value)
+
+
+class Authz(Model):
+    engine: Literal["embedded", "opa", "none"] = "embedded"
+    policies: Path = Path("policies")
+    query: RegoQuery = "data.envoy.authz.allow"
+    rego_version: Literal["v1", "v0"] = "v1"
+    reload_poll_s: float = Field(default=0.25, gt=0, le=1.0)
+    opa: OpaServer | None = None
+    dry_run: bool = False
+    decision_log: DecisionLogConfig = DecisionLogConfig()
+
+    @model_validator(mode="after")
+    def _opa_needs_server(self) -> Authz:
+        if self.engine == "opa" and self.opa is None:
+            raise _KeyError(("authz", "opa"), "required when engine is 'opa'")
+        return self
+
+
 class GatewayConfig(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9._-]+$")
     listeners: tuple[Listener, ...] = Field(min_length=1)
@@ -333,9 +534,13 @@ class GatewayConfig(Model):
     admin: Admin = Admin()
     limits: Limits = Limits()
     upstream: Upstream = Upstream()
+    protocols: Protocols = Protocols()
     drain_timeout_s: float = Field(default=15.0, ge=0)
     discovery: Discovery = Discovery()
     resilience: Resilience = Resilience()
+    telemetry: Telemetry = Telemetry()
+    authz: Authz | None = None
+    """Absent → no authorization at all (logged loudly at start-up)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
@@ -345,6 +550,11 @@ class GatewayConfig(Model):
         for index, name in enumerate(names):
             if names.index(name) != index:
                 raise _KeyError(("listeners", index, "name"), f"duplicate listener name {name!r}")
+        for index, listener in enumerate(self.listeners):
+            # grpcio's server credentials either require a client certificate or never ask for one.
+            if listener.protocol == "grpc" and listener.tls is not None and listener.tls.client_auth == "optional":
+                raise _KeyError(("listeners", index, "tls", "client_auth"),
+                                "a grpc listener supports 'required' or 'none', not 'optional'")
         route_names = [route.name for route in self.routes]
         for index, route in enumerate(self.routes):
             if route_names.index(route.name) != index:
@@ -444,4 +654,22 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
                                             "key_file": fix(consul.tls.key_file)})
         discovery = discovery.model_copy(update={"consul": consul.model_copy(
             update={"tls": tls, "token_file": fix(consul.token_file)})})
-    return config.model_copy(update={"listeners": listeners, "identity": identity, "discovery": discovery})
+    telemetry = config.telemetry
+    log = telemetry.access_log
+    telemetry = telemetry.model_copy(update={
+        "tracing": telemetry.tracing.model_copy(update={"ca_file": fix(telemetry.tracing.ca_file)}),
+        "access_log": log if log.path == "-" else log.model_copy(update={"path": str(fix(Path(log.path)))}),
+    })
+    update: dict[str, Any] = {"listeners": listeners, "identity": identity, "telemetry": telemetry,
+                              "discovery": discovery}
+    if config.authz is not None:
+        opa = config.authz.opa
+        if opa is not None:
+            opa = opa.model_copy(update={"ca_file": fix(opa.ca_file)})
+        sink = config.authz.decision_log.sink
+        if sink not in ("stderr", "off") and not Path(sink).is_absolute():
+            sink = str(base / sink)
+        update["authz"] = config.authz.model_copy(update={
+            "policies": fix(config.authz.policies), "opa": opa,
+            "decision_log": config.authz.decision_log.model_copy(update={"sink": sink})})
+    return config.model_copy(update=update)

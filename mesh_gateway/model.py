@@ -184,6 +184,14 @@ Body = AsyncIterator[bytes]
 
 
 @dataclass(frozen=True, slots=True)
+class BodyPrefix:
+    """The first bytes of a request body, buffered for a policy that reads it (`input.parsed_body`)."""
+
+    data: bytes
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """A parsed authorization decision; see authz/decision.py for the strict parser."""
 

@@ -118,7 +118,7 @@ class ServerTls:
         self._static_chain = static_chain
         self._client_ca_pem = client_ca_pem
         self._alpn = alpn
-        self._built_for: tuple[int, int] = (-1, -1)
+        self._built_for = self._version()
         self._current = self._build()
         self.front = self._build()
         self.front.sni_callback = self._select
@@ -130,11 +130,14 @@ class ServerTls:
         return server_context(chain, key, client_auth=self._client_auth, client_ca_pem=bundle,
                               min_version=self._min_version, alpn=self._alpn)
 
+    def _version(self) -> int:
+        return self._credentials.version if self._credentials else 0
+
     def current(self) -> ssl.SSLContext:
-        version = self._credentials.version if self._credentials else 0
-        if self._built_for != (version, 0):
+        version = self._version()
+        if self._built_for != version:
             self._current = self._build()
-            self._built_for = (version, 0)
+            self._built_for = version
         return self._current
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:

@@ -54,8 +54,9 @@ class SpiffeConnector(aiohttp.TCPConnector):
         return protocol
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the request body stream; unwrapped to PayloadTooLarge by the forwarder."""
+class BodyTooLarge(PayloadTooLarge):
+    """Raised inside the request body stream; a PayloadTooLarge (413) wherever it surfaces, including while the
+    pipeline buffers a body prefix for a policy."""
 
 
 class HttpForwarder:
@@ -83,7 +84,8 @@ class HttpForwarder:
             await self._session.close()
             self._session = None
 
-    def _context(self, endpoint: Endpoint) -> UpstreamContext | bool:
+    def ssl_context_for(self, endpoint: Endpoint) -> UpstreamContext | bool:
+        """The TLS context for `endpoint` (False for plain); shared with the WebSocket dialer."""
         if endpoint.tls == "plain":
             return False
         version = self._credentials.version
@@ -100,7 +102,7 @@ class HttpForwarder:
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
-        ssl_context = self._context(endpoint)
+        ssl_context = self.ssl_context_for(endpoint)
         scheme = "http" if ssl_context is False else "https"
         url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{request.target}", encoded=True)
         headers = CIMultiDict(request.headers)
@@ -126,12 +128,12 @@ class HttpForwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
         except aiohttp.ClientConnectorError as exc:
-            cause = _cause(exc)
+            cause = gateway_cause(exc)
             if isinstance(cause, GatewayError):
                 raise cause from None
             raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
-            cause = _cause(exc)
+            cause = gateway_cause(exc)
             if isinstance(cause, GatewayError):
                 raise cause from None
             raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
@@ -141,7 +143,7 @@ class HttpForwarder:
         return Response(upstream.status, response_headers, _stream(upstream), endpoint.key)
 
 
-def _cause(exc: BaseException) -> BaseException | None:
+def gateway_cause(exc: BaseException) -> BaseException | None:
     seen = exc.__cause__ or exc.__context__
     while seen is not None:
         if isinstance(seen, GatewayError | BodyTooLarge):

@@ -39,9 +39,11 @@ class EjectionView:
 
 
 class OutlierDetector:
-    def __init__(self, settings: Outlier, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Outlier, clock: Callable[[], float] = time.monotonic,
+                 on_eject: Callable[[str], None] | None = None) -> None:
         self._settings = settings
         self._clock = clock
+        self._on_eject = on_eject
         self._hosts: dict[tuple[str, str], HostState] = {}
 
     def _state(self, service: str, endpoint: Endpoint) -> HostState:
@@ -103,6 +105,8 @@ class OutlierDetector:
         state.ejected_until = now + duration
         log.warning("outlier: ejected %s %s for %.0fs (ejection %d)", service, endpoint.key, duration,
                     state.ejections)
+        if self._on_eject is not None:
+            self._on_eject(service)
         return True
 
     def view(self, service: str, endpoint: Endpoint) -> EjectionView:
