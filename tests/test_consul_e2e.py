@@ -201,6 +201,8 @@ async def test_outlier_ejection_and_return(ca, ca_dir, client_creds):
             ejected = {e["port"]: e for e in (await clusters(client, gw))["web"]["endpoints"]}
             assert ejected[bad.port]["ejected"] and ejected[bad.port]["ejection_seconds_left"] == 30.0
             assert not ejected[good.port]["ejected"]
+            async with client.get(admin_url(gw, "/metrics")) as resp:
+                assert 'mesh_gateway_upstream_ejections_total{service="web"} 1.0' in await resp.text()
             clock.now += 30.0  # base ejection time passed: `bad` is back
             assert {(await get(client, gw, ssl))[1] for _ in range(4)} == {"bad", "good"}
     finally:

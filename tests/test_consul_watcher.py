@@ -189,7 +189,7 @@ async def test_tag_driven_routes_follow_the_catalog_and_invalid_tags_warn_once(f
 
 
 async def test_https_to_consul_with_ca_and_client_certificate(ca: CertificateAuthority, tmp_path: Path):
-    agent_creds = issue(ca, "spiffe://mesh.local/consul")
+    agent_creds = issue(ca, "spiffe://mesh.local/consul", dns=("localhost",))
     context = server_context(agent_creds.cert_chain_pem, agent_creds.key_pem, client_auth="required",
                              client_ca_pem=agent_creds.bundle_pem)
     cert, key = write_credentials(issue(ca, "spiffe://mesh.local/ns/default/sa/gateway"), tmp_path, "gw")
@@ -198,11 +198,13 @@ async def test_https_to_consul_with_ca_and_client_certificate(ca: CertificateAut
     await fake.start(ssl_context=context)
     try:
         register_sidecar(fake, "web-1", 21001)
-        fake.url = fake.url.replace("127.0.0.1", "localhost")
-        tls = {"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(cert), "key_file": str(key)}
+        # Connect by IP, verify the agent's certificate under the name it was issued for.
+        tls = {"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(cert), "key_file": str(key),
+               "server_name": "localhost"}
         async with watching(consul_settings(fake, tls=tls)) as watcher:
             await until(watcher.catalog, lambda c: ports(c) == [21001])
-        async with watching(consul_settings(fake, tls={"ca_file": str(tmp_path / "ca.pem")})) as no_cert:
+        no_client_cert = {"ca_file": str(tmp_path / "ca.pem"), "server_name": "localhost"}
+        async with watching(consul_settings(fake, tls=no_client_cert)) as no_cert:
             assert await eventually(lambda: last_error(no_cert))
             assert no_cert.catalog.get().get("web") is None
     finally:

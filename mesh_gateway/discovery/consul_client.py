@@ -136,7 +136,8 @@ class ConsulClient:
         try:
             async with session.request(method, self._base + path, params=params, data=data,
                                        headers=self._headers(), timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                       ssl=self._ssl if self._ssl is not None else False) as resp:
+                                       ssl=self._ssl if self._ssl is not None else False,
+                                       server_hostname=self._settings.tls.server_name if self._ssl else None) as resp:
                 raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
                 if len(raw) > MAX_ANSWER_BYTES:
                     raise ConsulUnavailable(f"{method} {path}: answer larger than {MAX_ANSWER_BYTES} bytes")
