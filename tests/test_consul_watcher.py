@@ -209,3 +209,23 @@ async def test_https_to_consul_with_ca_and_client_certificate(ca: CertificateAut
             assert no_cert.catalog.get().get("web") is None
     finally:
         await fake.close()
+
+
+async def test_tag_routes_survive_a_revoked_token():
+    fake = FakeConsul(tokens={"good": Policy(service_read="*")})
+    await fake.start()
+    try:
+        fake.register("orders", 8080, service_id="orders-1", meta={"spiffe_id": "spiffe://mesh.local/orders"},
+                      tags=["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/orders"], native=True,
+                      status="passing")
+        settings = consul_settings(fake, wait_s=0.2, services=[], watch_tagged=True, token="good")
+        async with watching(settings) as watcher:
+            await until(watcher.routes, lambda r: len(r) == 1)
+            await until(watcher.catalog, lambda c: ports(c, "orders") == [8080])
+            del fake.tokens["good"]
+            await eventually(lambda: (s := watcher.states().get("(catalog)")) and s.acl_error)
+            await eventually(lambda: (s := watcher.states().get("orders")) and s.acl_error)
+            assert [r.service for r in watcher.routes.get()] == ["orders"]
+            assert ports(watcher.catalog.get(), "orders") == [8080]
+    finally:
+        await fake.close()

@@ -4,9 +4,8 @@ Covered: /v1/health/service/<name> and /v1/health/connect/<name> (passing, dc, s
 /v1/catalog/services, /v1/agent/service/register|deregister, /v1/agent/check/pass|warn|fail|update, ACL tokens
 (X-Consul-Token: unknown → 403 "ACL not found", missing rights → 403 "Permission denied" or results filtered with
 X-Consul-Results-Filtered-By-ACLs), sidecar_service registration with an alias check, TTL and HTTP checks that
-really run. Fault injection: 5xx answers, hanging requests, snapshot restore (index goes backwards, blocked
-queries abandoned), a cluster without a leader (only stale reads served).
-"""
+really run. Faults: 5xx answers, hanging requests, snapshot restore (index goes back, blocked queries
+abandoned), a cluster without a leader (only stale reads served)."""
 
 from __future__ import annotations
 
@@ -14,90 +13,26 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-MAX_WAIT_S = 600.0
-DEFAULT_WAIT_S = 300.0
-
-
-def parse_go_duration(text: str) -> float:
-    """Consul parses `wait` with Go's time.ParseDuration: "10s", "5m", "1m30s", "250ms"."""
-    if not text or _GO_DURATION.sub("", text) != "":
-        raise ValueError(f"invalid duration {text!r}")
-    return sum(float(n) * _UNIT[u] for n, u in _GO_DURATION.findall(text))
-
-
-@dataclass
-class Policy:
-    """What one ACL token may do. `"*"` grants every service."""
-
-    service_read: set[str] | str = field(default_factory=set)
-    service_write: set[str] | str = field(default_factory=set)
-
-    def can_read(self, service: str) -> bool:
-        return self.service_read == "*" or service in self.service_read or self.can_write(service)
-
-    def can_write(self, service: str) -> bool:
-        return self.service_write == "*" or service in self.service_write
-
-
-@dataclass
-class Check:
-    check_id: str
-    name: str
-    service_id: str
-    status: str = "critical"
-    output: str = ""
-    kind: str = ""
-    ttl_s: float | None = None
-    http: str | None = None
-    interval_s: float = 10.0
-    alias_service: str | None = None
-    modify_index: int = 0
-    timer: asyncio.TimerHandle | None = None
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass
-class Instance:
-    service_id: str
-    name: str
-    address: str
-    port: int
-    tags: list[str] = field(default_factory=list)
-    meta: dict[str, str] = field(default_factory=dict)
-    kind: str = ""
-    proxy: dict[str, Any] = field(default_factory=dict)
-    native: bool = False
-    create_index: int = 0
-    modify_index: int = 0
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One request as the fake received it, for tests that assert what the client sent."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    token: str | None
-
-
-def _get(body: dict[str, Any], key: str, default: Any = None) -> Any:
-    """Consul decodes request JSON case-insensitively."""
-    for k, v in body.items():
-        if k.lower() == key.lower():
-            return v
-    return default
+from tests.fakes.consul_model import (
+    DEFAULT_WAIT_S,
+    MAX_WAIT_S,
+    Check,
+    Instance,
+    Policy,
+    Seen,
+    bearer,
+    denied,
+    get_ci,
+    health_entry,
+    parse_go_duration,
+)
 
 
 class FakeConsul:
@@ -181,19 +116,19 @@ class FakeConsul:
         if status is not None:
             definitions.append({"TTL": "1h", "Status": status})
         for n, definition in enumerate(definitions, start=1):
-            check_id = _get(definition, "CheckID") or (f"service:{service_id}" if len(definitions) == 1
+            check_id = get_ci(definition, "CheckID") or (f"service:{service_id}" if len(definitions) == 1
                                                        else f"service:{service_id}:{n}")
             self._add_check(inst, check_id, definition)
         return inst
 
     def _add_check(self, inst: Instance, check_id: str, definition: dict[str, Any]) -> None:
-        ttl, http = _get(definition, "TTL"), _get(definition, "HTTP")
-        alias = _get(definition, "AliasService")
-        check = Check(check_id, _get(definition, "Name") or f"Service '{inst.name}' check", inst.service_id,
-                      status=_get(definition, "Status") or ("passing" if alias else "critical"),
+        ttl, http = get_ci(definition, "TTL"), get_ci(definition, "HTTP")
+        alias = get_ci(definition, "AliasService")
+        check = Check(check_id, get_ci(definition, "Name") or f"Service '{inst.name}' check", inst.service_id,
+                      status=get_ci(definition, "Status") or ("passing" if alias else "critical"),
                       kind="ttl" if ttl else "http" if http else "alias" if alias else "",
                       ttl_s=parse_go_duration(ttl) if ttl else None, http=http,
-                      interval_s=parse_go_duration(_get(definition, "Interval") or "10s"),
+                      interval_s=parse_go_duration(get_ci(definition, "Interval") or "10s"),
                       alias_service=alias, modify_index=self.index)
         self.checks[check_id] = check
         loop = asyncio.get_running_loop()
@@ -280,7 +215,7 @@ class FakeConsul:
     # ---- HTTP ------------------------------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        token = request.headers.get("X-Consul-Token") or _bearer(request) or request.query.get("token")
+        token = request.headers.get("X-Consul-Token") or bearer(request) or request.query.get("token")
         self.seen.append(Seen(request.method, request.path, dict(request.query), token))
         await self._hang.wait()
         if self._fail_status is not None:
@@ -301,7 +236,7 @@ class FakeConsul:
     def _policy(self, request: web.Request) -> Policy:
         if not self.acl:
             return Policy(service_read="*", service_write="*")
-        token = request.headers.get("X-Consul-Token") or _bearer(request) or request.query.get("token")
+        token = request.headers.get("X-Consul-Token") or bearer(request) or request.query.get("token")
         return self.tokens[token] if token else self.anonymous
 
     async def _blocking(self, request: web.Request, compute: Callable[[], tuple[int, Any, bool]]) -> web.Response:
@@ -333,23 +268,8 @@ class FakeConsul:
         return self._touched.get(key, self.index)
 
     def _entry(self, inst: Instance) -> dict[str, Any]:
-        checks = [c for c in self.checks.values() if c.service_id == inst.service_id]
-        return {
-            "Node": {"ID": self.node_id, "Node": self.node, "Address": self.node_address,
-                     "Datacenter": self.datacenter, "TaggedAddresses": {"lan": self.node_address},
-                     "Meta": {"consul-network-segment": ""}},
-            "Service": {"ID": inst.service_id, "Service": inst.name, "Tags": inst.tags, "Address": inst.address,
-                        "Meta": inst.meta, "Port": inst.port, "Weights": {"Passing": 1, "Warning": 1},
-                        "EnableTagOverride": False, "Kind": inst.kind, "Proxy": inst.proxy,
-                        "Connect": {"Native": True} if inst.native else {},
-                        "CreateIndex": inst.create_index, "ModifyIndex": inst.modify_index},
-            "Checks": [{"Node": self.node, "CheckID": "serfHealth", "Name": "Serf Health Status",
-                        "Status": "passing", "Output": "Agent alive and reachable", "ServiceID": "",
-                        "ServiceName": "", "Type": ""}]
-            + [{"Node": self.node, "CheckID": c.check_id, "Name": c.name, "Status": self._status(c),
-                "Output": c.output, "ServiceID": inst.service_id, "ServiceName": inst.name,
-                "ServiceTags": inst.tags, "Type": c.kind, "ModifyIndex": c.modify_index} for c in checks],
-        }
+        checks = [(c, self._status(c)) for c in self.checks.values() if c.service_id == inst.service_id]
+        return health_entry(self, inst, checks)
 
     def _status(self, check: Check) -> str:
         if check.alias_service is None:
@@ -385,7 +305,7 @@ class FakeConsul:
     async def _health_connect(self, request: web.Request) -> web.Response:
         # Connect queries check service:read on the destination up front instead of filtering.
         if not self._policy(request).can_read(request.match_info["name"]):
-            return _denied("service:read", request.match_info["name"])
+            return denied("service:read", request.match_info["name"])
         return await self._blocking(request, lambda: self._health(request, connect=True))
 
     async def _catalog_services(self, request: web.Request) -> web.Response:
@@ -410,25 +330,25 @@ class FakeConsul:
 
     async def _agent_register(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        name = _get(body, "Name")
+        name = get_ci(body, "Name")
         if not name:
             return web.Response(status=400, text="Invalid Service: Missing service name")
         if not self._policy(request).can_write(name):
-            return _denied("service:write", name)
-        checks = list(_get(body, "Checks") or []) + ([_get(body, "Check")] if _get(body, "Check") else [])
-        connect = _get(body, "Connect") or {}
-        service_id = _get(body, "ID") or name
-        self.register(name, int(_get(body, "Port", 0)), service_id=service_id, address=_get(body, "Address", ""),
-                      tags=_get(body, "Tags") or [], meta=_get(body, "Meta") or {}, kind=_get(body, "Kind", ""),
-                      proxy=_get(body, "Proxy") or {}, native=bool(_get(connect, "Native", False)), checks=checks)
-        sidecar = _get(connect, "SidecarService")
+            return denied("service:write", name)
+        checks = list(get_ci(body, "Checks") or []) + ([get_ci(body, "Check")] if get_ci(body, "Check") else [])
+        connect = get_ci(body, "Connect") or {}
+        service_id = get_ci(body, "ID") or name
+        self.register(name, int(get_ci(body, "Port", 0)), service_id=service_id, address=get_ci(body, "Address", ""),
+                      tags=get_ci(body, "Tags") or [], meta=get_ci(body, "Meta") or {}, kind=get_ci(body, "Kind", ""),
+                      proxy=get_ci(body, "Proxy") or {}, native=bool(get_ci(connect, "Native", False)), checks=checks)
+        sidecar = get_ci(connect, "SidecarService")
         if sidecar is not None:
             # Consul's sidecar defaults: ID <id>-sidecar-proxy, a port from 21000-21255, the parent's tags and
             # meta, and an alias check so the proxy is exactly as healthy as the service behind it.
-            self.register(f"{name}-sidecar-proxy", int(_get(sidecar, "Port") or next(self._sidecar_ports)),
-                          service_id=f"{service_id}-sidecar-proxy", address=_get(sidecar, "Address") or "",
-                          tags=_get(sidecar, "Tags") or _get(body, "Tags") or [],
-                          meta=_get(sidecar, "Meta") or _get(body, "Meta") or {}, kind="connect-proxy",
+            self.register(f"{name}-sidecar-proxy", int(get_ci(sidecar, "Port") or next(self._sidecar_ports)),
+                          service_id=f"{service_id}-sidecar-proxy", address=get_ci(sidecar, "Address") or "",
+                          tags=get_ci(sidecar, "Tags") or get_ci(body, "Tags") or [],
+                          meta=get_ci(sidecar, "Meta") or get_ci(body, "Meta") or {}, kind="connect-proxy",
                           proxy={"DestinationServiceName": name, "DestinationServiceID": service_id},
                           checks=[{"Name": f"Connect Sidecar Aliasing {service_id}", "AliasService": service_id}])
         return web.Response(text="")
@@ -438,7 +358,7 @@ class FakeConsul:
         if inst is None:
             return web.Response(status=404, text=f'Unknown service ID "{request.match_info["id"]}".')
         if not self._policy(request).can_write(inst.name):
-            return _denied("service:write", inst.name)
+            return denied("service:write", inst.name)
         self.deregister(inst.service_id)
         return web.Response(text="")
 
@@ -448,7 +368,7 @@ class FakeConsul:
             return web.Response(status=404, text=f'Unknown check ID "{request.match_info["id"]}".')
         name = self.instances[check.service_id].name
         if not self._policy(request).can_write(name):
-            return _denied("service:write", name)
+            return denied("service:write", name)
         if check.ttl_s is None:
             return web.Response(status=500, text=f'CheckID "{check.check_id}" does not have associated TTL')
         return check
@@ -473,18 +393,8 @@ class FakeConsul:
         if isinstance(check, web.Response):
             return check
         body = await self._json(request)
-        status = _get(body, "Status", "")
+        status = get_ci(body, "Status", "")
         if status not in ("passing", "warning", "critical"):
             return web.Response(status=400, text=f'Invalid check status: "{status}"')
-        self._ttl_update(check, status, str(_get(body, "Output", "")))
+        self._ttl_update(check, status, str(get_ci(body, "Output", "")))
         return web.Response(text="")
-
-
-def _bearer(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:] if auth.startswith("Bearer ") else None
-
-
-def _denied(permission: str, resource: str) -> web.Response:
-    return web.Response(status=403, text=f"Permission denied: token lacks permission '{permission}' on "
-                                         f'"{resource}"')
