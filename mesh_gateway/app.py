@@ -133,6 +133,8 @@ class Gateway:
             self._register_gauges(self.metrics)
         if self.authz is not None:
             self.admin.add_json_view("/policies", self.authz.view)
+        if self.consul is not None:
+            self.admin.readiness.append(self.consul.not_synced)
         self.admin.add_json_view("/clusters", lambda: clusters_view(
             self.catalog.get(), outlier=self.outlier, picker=self.picker, circuits=self.circuits,
             consul=self.consul))

@@ -312,3 +312,21 @@ async def test_retry_rules(ca, ca_dir, client_creds, first, method, expected):
     finally:
         await bad.close()
         await good.close()
+
+
+async def test_not_ready_until_consul_answered_once(ca, ca_dir, fake):
+    fake.hang()
+    config = gateway_config(ca_dir, {}, routes=WEB_ROUTE, discovery=consul_block(fake))
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        async with client.get(admin_url(gw, "/readyz")) as resp:
+            assert resp.status == 503 and "consul: no answer yet for web" in await resp.text()
+        fake.heal()
+
+        async def ready() -> bool:
+            async with client.get(admin_url(gw, "/readyz")) as resp:
+                return resp.status == 200
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not await ready():
+            assert loop.time() < deadline

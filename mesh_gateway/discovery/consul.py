@@ -76,6 +76,13 @@ class ConsulWatcher:
     def states(self) -> Mapping[str, WatchState]:
         return dict(self._states)
 
+    def not_synced(self) -> str | None:
+        """Readiness: not ready until Consul answered once for each configured service and the service list.
+        After that, outages do not matter here: the gateway serves its last known endpoints."""
+        keys = [*self._explicit, *([CATALOG_KEY] if self._settings.watch_tagged else [])]
+        waiting = [k for k in keys if self._states.get(k, WatchState()).last_success is None]
+        return f"consul: no answer yet for {', '.join(waiting)}" if waiting else None
+
     def mode(self, service: str) -> Mode | None:
         return self._explicit.get(service) or ("connect" if service in self._tagged else None)
 
