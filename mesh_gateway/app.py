@@ -20,7 +20,7 @@ from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.discovery.consul import ConsulWatcher
 from mesh_gateway.discovery.consul_client import ConsulClient
-from mesh_gateway.discovery.register import Registrar
+from mesh_gateway.discovery.register import Registrar, registration_target
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
@@ -241,11 +241,10 @@ class Gateway:
         self.supervisor.start("consul-routes", self._follow_consul_routes)
         registration = consul_settings.registration
         if registration.enabled:
-            host, port = self.addresses[self.config.listeners[0].name]
-            admin_host, admin_port = self.addresses["admin"]
-            self.registrar = Registrar(ConsulClient(consul_settings), registration,
-                                       address=registration.address or host, port=registration.port or port,
-                                       check_url=f"http://{admin_host}:{admin_port}/readyz",
+            address, port, check_url = registration_target(
+                registration, self.addresses[self.config.listeners[0].name], self.addresses["admin"])
+            self.registrar = Registrar(ConsulClient(consul_settings), registration, address=address, port=port,
+                                       check_url=check_url,
                                        ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
             self.supervisor.start("consul-register", self.registrar.run)
 

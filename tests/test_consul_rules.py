@@ -17,7 +17,7 @@ from mesh_gateway.discovery.consul_entries import (
     routes_from_catalog,
     tagged_services,
 )
-from mesh_gateway.discovery.register import service_definition
+from mesh_gateway.discovery.register import registration_target, service_definition
 from mesh_gateway.errors import Overloaded
 from mesh_gateway.model import Endpoint, SpiffeId
 from mesh_gateway.upstream.circuit import Circuit
@@ -138,7 +138,8 @@ def test_catalog_tags_select_services_and_order_routes_by_specificity():
                "b": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a/b"],
                "c": ["mesh-gateway.enable=true", "mesh-gateway.route.host=c.example.com"],
                "bad": ["mesh-gateway.enable=true"], "untagged": ["mesh-gateway.route.path_prefix=/x"],
-               "a-sidecar-proxy": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a"]}
+               "a-sidecar-proxy": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/a"],
+               "x?passing=0": ["mesh-gateway.enable=true", "mesh-gateway.route.path_prefix=/x"]}
     tagged = tagged_services(catalog)
     assert set(tagged) == {"a", "b", "c", "bad"}
     routes, invalid = routes_from_catalog(tagged)
@@ -232,3 +233,10 @@ async def test_replayable_body_replays_what_was_read_and_gives_up_past_the_cap()
     big = ReplayableBody(source([b"x" * 10, b"y" * 10]), cap=16)
     assert b"".join([c async for c in big.stream()]) == b"x" * 10 + b"y" * 10
     assert not big.replayable
+
+
+def test_wildcard_listen_addresses_register_the_node_address_and_check_through_loopback():
+    assert registration_target(ConsulRegister(), ("0.0.0.0", 8443), ("0.0.0.0", 9901)) == (
+        "", 8443, "http://127.0.0.1:9901/readyz")
+    assert registration_target(ConsulRegister(address="10.1.2.3", port=443), ("0.0.0.0", 8443),
+                               ("::1", 9901)) == ("10.1.2.3", 443, "http://[::1]:9901/readyz")

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from urllib.parse import quote
 
 from mesh_gateway.discovery.blocking import Backoff, TokenBucket, advance, client_timeout_s, wait_param
 from mesh_gateway.discovery.consul_client import ConsulAclError, ConsulAnswer, ConsulClient, ConsulError
@@ -107,7 +108,8 @@ class ConsulWatcher:
         if name in self._tasks or self._group is None:
             return
         mode = self.mode(name) or "connect"
-        path = f"/v1/health/connect/{name}" if mode == "connect" else f"/v1/health/service/{name}"
+        quoted = quote(name, safe="")
+        path = f"/v1/health/connect/{quoted}" if mode == "connect" else f"/v1/health/service/{quoted}"
         self._states.setdefault(name, WatchState())
 
         def on_answer(answer: ConsulAnswer, may_empty: bool) -> None:

@@ -96,17 +96,20 @@ def endpoints_from_entries(service: str, entries: Any, mode: Mode,
 
 
 SIDECAR_SUFFIX = "-sidecar-proxy"
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 def tagged_services(services: Any) -> dict[str, tuple[str, ...]]:
     """/v1/catalog/services ({name: [tags]}) → the services that opted in with mesh-gateway.enable=true.
 
     A `sidecar_service` inherits its parent's tags under the name <parent>-sidecar-proxy; it is how we reach the
-    parent, not a service of its own, so it gets no watch and no route."""
+    parent, not a service of its own, so it gets no watch and no route. Names outside Consul's DNS-safe alphabet are
+    ignored: they would end up in URLs and route names."""
     if not isinstance(services, dict):
         return {}
     return {name: tuple(t for t in tags if isinstance(t, str)) for name, tags in services.items()
-            if isinstance(tags, list) and ENABLE_TAG in tags and not name.endswith(SIDECAR_SUFFIX)}
+            if isinstance(tags, list) and ENABLE_TAG in tags and not name.endswith(SIDECAR_SUFFIX)
+            and _SERVICE_NAME.match(name)}
 
 
 def route_from_tags(service: str, tags: Iterable[str]) -> Route:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,8 +39,23 @@ def service_definition(settings: ConsulRegister, *, service_id: str, address: st
             "Tags": list(settings.tags), "Meta": dict(settings.meta), "Check": check}
 
 
+UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
+
+
 def default_service_id(settings: ConsulRegister, address: str, port: int) -> str:
-    return settings.service_id or f"{settings.service_name}-{address.replace(':', '_')}-{port}"
+    where = address.replace(":", "_") if address else socket.gethostname()
+    return settings.service_id or f"{settings.service_name}-{where}-{port}"
+
+
+def registration_target(settings: ConsulRegister, listener: tuple[str, int],
+                        admin: tuple[str, int]) -> tuple[str, int, str]:
+    """Address, port and check URL to register. A wildcard listen address is sent as "" so that Consul uses the
+    node's address; a wildcard admin address is checked through loopback (the agent runs on the same host)."""
+    address = settings.address if settings.address is not None else listener[0]
+    address = "" if address in UNSPECIFIED else address
+    admin_host = "127.0.0.1" if admin[0] in UNSPECIFIED else admin[0]
+    admin_host = f"[{admin_host}]" if ":" in admin_host else admin_host
+    return address, settings.port or listener[1], f"http://{admin_host}:{admin[1]}/readyz"
 
 
 class Registrar:
