@@ -31,6 +31,14 @@ from mesh_gateway.edges.h2 import H2Server
 from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca
+from mesh_gateway.identity.provider import (
+    IdentitySource,
+    IdentityUnavailable,
+    build_source,
+    certs_view,
+    chain_expiries,
+    first_credentials,
+)
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, Route, RouteTable, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
@@ -74,15 +82,22 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
 
 class Gateway:
     def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
+                 credentials: Credentials | None = None, identity_ttl_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`credentials`: the first SVID when it comes from a remote issuer or Consul (see `prepare_identity`).
+        `identity_ttl_s`: overrides identity.ttl without its 1-minute floor; tests use it to rotate every few s."""
         self.config = config
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
-        try:
-            self.ca = load_ca(config.identity.ca_dir)
-            first = self.ca.issue_credentials(self.gateway_id, config.identity.ttl, config.identity.dns)
-        except CAError as exc:
-            raise StartupError(f"identity: {exc}") from None
-        self.credentials: Watch[Credentials] = Watch(first)
+        ttl_s = identity_ttl_s or config.identity.ttl
+        if credentials is None:
+            if config.identity.provider != "local" or config.identity.issuer != "local":
+                raise StartupError("identity: a remote or consul identity must be obtained first (prepare_identity)")
+            try:
+                credentials = load_ca(config.identity.ca_dir).issue_credentials(
+                    self.gateway_id, ttl_s, config.identity.dns)
+            except CAError as exc:
+                raise StartupError(f"identity: {exc}") from None
+        self.credentials: Watch[Credentials] = Watch(credentials)
         static = catalog_from_config(config.catalog)
         self.consul: ConsulWatcher | None = None
         self.registrar: Registrar | None = None
@@ -107,6 +122,12 @@ class Gateway:
         resilient = ResilientForwarder(self.forwarder, picker=self.picker, outlier=self.outlier,
                                        circuits=self.circuits, catalog=self.catalog, settings=config.resilience)
         try:
+            self.identity: IdentitySource = build_source(
+                config.identity, self.gateway_id, self.credentials, ttl_s=ttl_s,
+                on_result=self.metrics.cert_rotated if self.metrics is not None else None)
+        except IdentityUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        try:
             self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
             self.tracer = OtelTracer(telemetry.tracing, service_name=telemetry.service_name,
                                      service_version=__version__, instance_id=uuid.uuid4().hex)
@@ -128,6 +149,7 @@ class Gateway:
                                  picker=self.picker)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        self.admin.add_json_view("/certs", lambda: certs_view(self.identity.status(), self.credentials.get()))
         add_telemetry_views(self.admin, config=config, routes=self.routes, metrics=self.metrics)
         if self.metrics is not None:
             self._register_gauges(self.metrics)
@@ -155,8 +177,9 @@ class Gateway:
     def _register_gauges(self, metrics: Metrics) -> None:
         metrics.span_source(self.tracer.stats)
         metrics.cert_expiry_source("gateway", lambda: self.credentials.get().not_after)
-        metrics.cert_expiry_source("intermediate", lambda: self.ca.max_not_after.timestamp())
-        metrics.cert_expiry_source("root", lambda: min(r.not_valid_after_utc.timestamp() for r in self.ca.roots))
+        # From what the gateway actually holds, so it is true for every identity source (local, remote, consul).
+        metrics.cert_expiry_source("intermediate", lambda: chain_expiries(self.credentials.get())[0])
+        metrics.cert_expiry_source("root", lambda: chain_expiries(self.credentials.get())[1])
         metrics.discovery_updated(self.catalog.get().services)
 
     async def _track_discovery(self, metrics: Metrics) -> None:
@@ -221,6 +244,7 @@ class Gateway:
         await web.SockSite(admin_runner, admin_sock).start()
         self._runners.append(admin_runner)
         self.addresses["admin"] = admin_sock.getsockname()[:2]
+        self.supervisor.start("identity", self.identity.run)
         if self.access_log is not None:
             self.supervisor.start("access-log", self.access_log.run)
         if self.metrics is not None:
@@ -309,6 +333,17 @@ class Gateway:
             await self.authz.authorizer.close()
 
 
+async def prepare_identity(config: cfg.GatewayConfig, ttl_s: float | None = None) -> Credentials | None:
+    """The first SVID when it does not come from a local CA directory (remote issuer, Consul); else None."""
+    if config.identity.provider == "local" and config.identity.issuer == "local":
+        return None
+    try:
+        return await first_credentials(config.identity, SpiffeId.parse(config.identity.spiffe_id),
+                                       ttl_s or config.identity.ttl)
+    except IdentityUnavailable as exc:
+        raise StartupError(str(exc)) from None
+
+
 async def run_until_signalled(gateway: Gateway) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -346,7 +381,7 @@ def serve(config: cfg.GatewayConfig) -> int:
 
     async def main() -> int:
         try:
-            gateway = Gateway(config)
+            gateway = Gateway(config, credentials=await prepare_identity(config))
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

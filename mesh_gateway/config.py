@@ -99,11 +99,53 @@ class Listener(Model):
     """Offer `h2` in ALPN next to `http/1.1` (TLS http listeners only)."""
 
 
+class RemoteIssuer(Model):
+    """`identity.issuer: remote`: obtain the SVID from `mesh-gateway ca serve` over gRPC (docs/identity.md)."""
+
+    address: HostPort
+    """The issuer's mTLS listener (renewals)."""
+    bootstrap_address: HostPort | None = None
+    """The issuer's bootstrap listener (first SVID with a join token)."""
+    server_name: str = Field(default="localhost", min_length=1)
+    """A DNS name in the issuer's certificate, checked on connect."""
+    bundle: Path | None = None
+    """Trust bundle to verify the issuer on first contact; omitted → <ca_dir>/bundle.pem."""
+    join_token_file: Path | None = None
+    """File holding a one-time join token (`mesh-gateway ca token create`)."""
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class ConsulCA(Model):
+    """`identity.provider: consul`: the SVID comes from the local Consul agent's Connect CA."""
+
+    address: str = Field(default="http://127.0.0.1:8500", pattern=r"^https?://[^/]+/?$")
+    service: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The service name Consul issues the leaf for (its SPIFFE ID must equal identity.spiffe_id)."""
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    wait_s: float = Field(default=300.0, gt=0, le=600)
+    """Blocking-query wait for leaf and roots renewals."""
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ConsulCA:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        return self
+
+
 class Identity(Model):
     ca_dir: Path = Path("certs")
     spiffe_id: SpiffeIdText
     ttl: Duration = 3600.0
     dns: tuple[str, ...] = ("localhost",)
+    provider: Literal["local", "consul"] = "local"
+    """local: our CA (in-process or remote issuer); consul: Consul Connect CA."""
+    issuer: Literal["local", "remote"] = "local"
+    """With provider local: sign with ca_dir in-process, or ask `ca serve` (identity.remote)."""
+    remote: RemoteIssuer | None = None
+    consul: ConsulCA | None = None
+    bundle_poll_s: float = Field(default=5.0, gt=0, le=300)
+    """How often the trust bundle is re-read from the CA (root rotation reaches running gateways this fast)."""
 
     @field_validator("ttl")
     @classmethod
@@ -111,6 +153,17 @@ class Identity(Model):
         if value < 60:
             raise ValueError("must be at least 1m")
         return value
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> Identity:
+        if self.provider == "consul":
+            if self.consul is None:
+                raise _KeyError(("identity", "consul"), "required when provider is consul")
+            if self.issuer == "remote":
+                raise _KeyError(("identity", "issuer"), "must be local when provider is consul")
+        if self.issuer == "remote" and self.remote is None:
+            raise _KeyError(("identity", "remote"), "required when issuer is remote")
+        return self
 
 
 class StaticEndpoint(Model):
@@ -646,14 +699,19 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
         else lst
         for lst in config.listeners
     )
-    identity = config.identity.model_copy(update={"ca_dir": fix(config.identity.ca_dir)})
+    ident = config.identity
+    remote = ident.remote and ident.remote.model_copy(
+        update={"bundle": fix(ident.remote.bundle), "join_token_file": fix(ident.remote.join_token_file)})
+    consul = ident.consul and ident.consul.model_copy(update={"token_file": fix(ident.consul.token_file)})
+    identity = ident.model_copy(update={"ca_dir": fix(ident.ca_dir), "remote": remote, "consul": consul})
     discovery = config.discovery
     if discovery.consul is not None:
-        consul = discovery.consul
-        tls = consul.tls.model_copy(update={"ca_file": fix(consul.tls.ca_file), "cert_file": fix(consul.tls.cert_file),
-                                            "key_file": fix(consul.tls.key_file)})
-        discovery = discovery.model_copy(update={"consul": consul.model_copy(
-            update={"tls": tls, "token_file": fix(consul.token_file)})})
+        watched = discovery.consul
+        tls = watched.tls.model_copy(update={"ca_file": fix(watched.tls.ca_file),
+                                             "cert_file": fix(watched.tls.cert_file),
+                                             "key_file": fix(watched.tls.key_file)})
+        discovery = discovery.model_copy(update={"consul": watched.model_copy(
+            update={"tls": tls, "token_file": fix(watched.token_file)})})
     telemetry = config.telemetry
     log = telemetry.access_log
     telemetry = telemetry.model_copy(update={
