@@ -18,9 +18,7 @@ from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
-from mesh_gateway.discovery.consul import ConsulWatcher
-from mesh_gateway.discovery.consul_client import ConsulClient
-from mesh_gateway.discovery.register import Registrar, registration_target
+from mesh_gateway.discovery.runtime import ConsulDiscovery
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
@@ -40,7 +38,7 @@ from mesh_gateway.identity.provider import (
     first_credentials,
 )
 from mesh_gateway.identity.tls import ServerTls
-from mesh_gateway.model import Catalog, Credentials, Route, RouteTable, SpiffeId
+from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
@@ -98,17 +96,13 @@ class Gateway:
             except CAError as exc:
                 raise StartupError(f"identity: {exc}") from None
         self.credentials: Watch[Credentials] = Watch(credentials)
-        static = catalog_from_config(config.catalog)
-        self.consul: ConsulWatcher | None = None
-        self.registrar: Registrar | None = None
-        if config.discovery.consul is not None:
-            self.consul = ConsulWatcher(ConsulClient(config.discovery.consul), trust_domain=config.trust_domain,
-                                        static=static)
-            self.catalog: Watch[Catalog] = self.consul.catalog
-        else:
-            self.catalog = Watch(static)
         self.file_routes = routes_from_config(config)
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(self.file_routes))
+        static = catalog_from_config(config.catalog)
+        self.consul = None if config.discovery.consul is None else ConsulDiscovery(
+            config.discovery.consul, trust_domain=config.trust_domain, static=static, file_routes=self.file_routes,
+            routes=self.routes)
+        self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
@@ -156,10 +150,10 @@ class Gateway:
         if self.authz is not None:
             self.admin.add_json_view("/policies", self.authz.view)
         if self.consul is not None:
-            self.admin.readiness.append(self.consul.not_synced)
+            self.admin.readiness.append(self.consul.watcher.not_synced)
         self.admin.add_json_view("/clusters", lambda: clusters_view(
             self.catalog.get(), outlier=self.outlier, picker=self.picker, circuits=self.circuits,
-            consul=self.consul))
+            consul=self.consul.watcher if self.consul is not None else None))
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.grpc_edges: list[GrpcEdge] = []
@@ -253,37 +247,12 @@ class Gateway:
         if self.authz is not None and self.authz.embedded is not None:
             self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
-        self._start_discovery()
+        if self.consul is not None:
+            self.consul.start(self.supervisor.start, listener=self.addresses[self.config.listeners[0].name],
+                              admin=self.addresses["admin"],
+                              ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
-
-    def _start_discovery(self) -> None:
-        consul_settings = self.config.discovery.consul
-        if self.consul is None or consul_settings is None:
-            return
-        self.supervisor.start("consul-watcher", self.consul.run)
-        self.supervisor.start("consul-routes", self._follow_consul_routes)
-        registration = consul_settings.registration
-        if registration.enabled:
-            address, port, check_url = registration_target(
-                registration, self.addresses[self.config.listeners[0].name], self.addresses["admin"])
-            self.registrar = Registrar(ConsulClient(consul_settings), registration, address=address, port=port,
-                                       check_url=check_url,
-                                       ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
-            self.supervisor.start("consul-register", self.registrar.run)
-
-    async def _follow_consul_routes(self) -> None:
-        """File routes first, then tag-driven routes from Consul (a file route's name wins)."""
-        assert self.consul is not None
-        watch = self.consul.routes
-        names = {route.name for route in self.file_routes.routes}
-        version = watch.version
-        while True:
-            if not await watch.changed(version, timeout_s=3600.0):
-                continue
-            version = watch.version
-            discovered: tuple[Route, ...] = tuple(r for r in watch.get() if r.name not in names)
-            self.routes.publish(compile_routes(RouteTable(self.file_routes.routes + discovered)))
 
     def _http_site(self, listener: cfg.Listener, runner: web.BaseRunner, sock: socket.socket, edge: HttpEdge,
                    server_tls: ServerTls | None) -> web.BaseSite:
@@ -311,17 +280,16 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
-        if self.registrar is not None:
-            # Out of Consul first, so new traffic goes elsewhere while we drain.
-            await self.registrar.deregister()
+        if self.consul is not None:
+            await self.consul.deregister()
         self._started = False
         await asyncio.gather(*(runner.cleanup() for runner in self._runners),
                              *(edge.stop(self.config.drain_timeout_s) for edge in self.grpc_edges))
         self._runners.clear()
         self.grpc_edges.clear()
         await self.supervisor.stop()
-        if self.registrar is not None:
-            await self.registrar.close()
+        if self.consul is not None:
+            await self.consul.close()
         await self.forwarder.close()
         await self.grpc_forwarder.close()
         await self.websocket_dialer.close()
