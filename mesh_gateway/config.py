@@ -291,6 +291,8 @@ class Route(Model):
     upstream_security: Literal["mtls", "tls", "plain"] = "mtls"
     """Weakest transport accepted to Consul-discovered endpoints: a service registered for plaintext or one-way
     TLS is reachable only through a route that says so (static endpoints are explicit already)."""
+    load_balancing: Literal["round_robin", "least_request"] | None = None
+    """Overrides resilience.services.<service>.load_balancing and resilience.load_balancing for this route."""
     authz: Annotated[RouteAuthz, BeforeValidator(_route_authz_shorthand)] = RouteAuthz()
 
 

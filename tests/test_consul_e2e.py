@@ -259,11 +259,17 @@ async def test_circuit_limit_answers_503_fast(ca, ca_dir, client_creds):
         await slow.close()
 
 
-async def test_least_request_sends_new_requests_to_the_idle_endpoint(ca, ca_dir, client_creds):
+@pytest.mark.parametrize("where", ["service", "route"])
+async def test_least_request_sends_new_requests_to_the_idle_endpoint(ca, ca_dir, client_creds, where):
     gates = {"a": asyncio.Event(), "b": asyncio.Event()}
     ups = {n: await start_controlled(n, issue(ca, WEB_ID), hold=g) for n, g in gates.items()}
     static = {"web": [{"address": "127.0.0.1", "port": u.port, "spiffe_id": WEB_ID} for u in ups.values()]}
-    config = gateway_config(ca_dir, static, resilience={"services": {"web": {"load_balancing": "least_request"}}})
+    if where == "service":
+        config = gateway_config(ca_dir, static,
+                                resilience={"services": {"web": {"load_balancing": "least_request"}}})
+    else:
+        config = gateway_config(ca_dir, static, routes=[{"name": "web", "service": "web",
+                                                         "load_balancing": "least_request"}])
     ssl = client_ssl(ca.bundle_pem, client_creds)
     try:
         async with running(config) as gw, aiohttp.ClientSession() as client:
@@ -330,3 +336,22 @@ async def test_not_ready_until_consul_answered_once(ca, ca_dir, fake):
         deadline = loop.time() + 5
         while not await ready():
             assert loop.time() < deadline
+
+
+async def test_plaintext_service_is_reachable_only_through_a_route_that_allows_it(ca, ca_dir, client_creds, fake):
+    legacy = await start_controlled("legacy", None)
+    fake.register("legacy", legacy.port, service_id="legacy-1", address="127.0.0.1", status="passing")
+    routes = [{"name": "strict", "match": {"path_prefix": "/strict"}, "service": "legacy"},
+              {"name": "lenient", "match": {"path_prefix": "/lenient"}, "service": "legacy",
+               "upstream_security": "plain"}]
+    config = gateway_config(ca_dir, {}, routes=routes,
+                            discovery=consul_block(fake, services=[{"name": "legacy", "mode": "plain"}]))
+    ssl = client_ssl(ca.bundle_pem, client_creds)
+    try:
+        async with running(config) as gw, aiohttp.ClientSession() as client:
+            await until(gw.catalog, lambda c: ports(c, "legacy") == [legacy.port])
+            assert (await get(client, gw, ssl, "/strict"))[0] == 503  # the route expects mTLS: nothing usable
+            assert legacy.hits == 0
+            assert (await get(client, gw, ssl, "/lenient"))[:2] == (200, "legacy")
+    finally:
+        await legacy.close()

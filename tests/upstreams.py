@@ -37,15 +37,16 @@ class Controlled:
             await self.runner.cleanup()
 
 
-async def start_controlled(name: str, creds: Credentials, *, status: int = 200,
+async def start_controlled(name: str, creds: Credentials | None, *, status: int = 200,
                            hold: asyncio.Event | None = None) -> Controlled:
+    """An mTLS upstream presenting `creds` (requiring the caller's certificate), or plain HTTP when None."""
     upstream = Controlled(name, status, hold)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
     upstream.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await upstream.runner.setup()
-    context = server_context(creds.cert_chain_pem, creds.key_pem, client_auth="required",
-                             client_ca_pem=creds.bundle_pem)
+    context = None if creds is None else server_context(creds.cert_chain_pem, creds.key_pem,
+                                                        client_auth="required", client_ca_pem=creds.bundle_pem)
     site = web.TCPSite(upstream.runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     upstream.port = upstream.runner.addresses[0][1]

@@ -41,6 +41,7 @@ def route_from_config(route: cfg.Route, limits: cfg.Limits) -> Route:
         retries=route.retries,
         per_try_timeout_s=route.per_try_timeout_s,
         upstream_security=route.upstream_security,
+        load_balancing=route.load_balancing,
         authz_enabled=not route.authz.disabled,
         authz_failure_mode_allow=route.authz.failure_mode_allow,
         authz_dry_run=route.authz.dry_run,

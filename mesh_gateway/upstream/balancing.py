@@ -53,8 +53,8 @@ class HealthAwarePicker:
         def usable(endpoint: Endpoint) -> bool:
             return STRENGTH[endpoint.tls] >= floor and self._outlier.usable(service, endpoint)
 
-        choose: Callable[..., Endpoint] = (self._least.pick if self.policy(service) == "least_request"
-                                           else self._round_robin.pick)
+        policy = route.policy.load_balancing or self.policy(service)
+        choose: Callable[..., Endpoint] = self._least.pick if policy == "least_request" else self._round_robin.pick
         if avoid:
             try:
                 return choose(endpoints, lambda e: e.key not in avoid and usable(e))
