@@ -7,6 +7,8 @@ import asyncio
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh_gateway.config import ConsulRegister, Outlier
 from mesh_gateway.discovery.blocking import Backoff, TokenBucket, advance, client_timeout_s, wait_param
@@ -240,3 +242,30 @@ def test_wildcard_listen_addresses_register_the_node_address_and_check_through_l
         "", 8443, "http://127.0.0.1:9901/readyz")
     assert registration_target(ConsulRegister(address="10.1.2.3", port=443), ("0.0.0.0", 8443),
                                ("::1", 9901)) == ("10.1.2.3", 443, "http://[::1]:9901/readyz")
+
+
+@given(st.lists(st.integers(min_value=-5, max_value=10**12), min_size=1, max_size=30))
+def test_index_never_spins_on_zero_and_resets_only_when_going_backwards(returned):
+    sent = 0
+    for value in returned:
+        step = advance(sent, value)
+        assert step.reset == (max(value, 1) < sent)
+        assert step.next_index == (0 if step.reset else max(value, 1))
+        sent = step.next_index
+
+
+@given(st.lists(st.text(max_size=60), max_size=6), st.text(max_size=20))
+def test_tag_parsing_only_ever_fails_with_value_error(tags, service):
+    try:
+        route = route_from_tags(service, ["mesh-gateway.enable=true", *tags])
+    except ValueError:
+        return
+    assert route.match.path.startswith("/") and ".." not in route.match.path.split("/")
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                 max_size=4), max_leaves=20))
+def test_hostile_health_answers_never_crash_the_parser(answer):
+    endpoints, _ = endpoints_from_entries("web", answer, "connect", OURS)
+    assert all(e.spiffe_id is not None and e.spiffe_id.member_of("mesh.local") for e in endpoints)
