@@ -94,11 +94,13 @@ def test_entries_become_sorted_endpoints_with_expected_identity():
 
 
 def test_entries_without_or_with_foreign_identity_are_skipped_fail_closed():
+    good = {"spiffe_id": "spiffe://mesh.local/sa/web"}
     entries = [entry("a", 1), entry("b", 2, meta={"spiffe_id": "spiffe://evil.example/ns/default/sa/web"}),
-               {"Service": "nonsense"}, entry("c", 3, meta={"spiffe_id": "spiffe://mesh.local/sa/web"})]
+               {"Service": "nonsense"}, entry("c", 3, meta=good),
+               entry("d", 4, address="evil.example/steal#", meta=good)]
     endpoints, warnings = endpoints_from_entries("web", entries, "connect", OURS)
     assert [e.port for e in endpoints] == [3]
-    assert len(warnings) == 3 and "outside trust domain" in warnings[1]
+    assert len(warnings) == 4 and "outside trust domain" in warnings[1] and "neither an IP" in warnings[3]
 
 
 def test_consul_ca_identity_follows_connect_spiffe_format():

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,15 @@ def _str_map(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items() if isinstance(v, str | int | float | bool)}
 
 
+def _usable_address(address: str) -> bool:
+    """The address ends up in the upstream URL: only an IP address or a DNS name may get there."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return bool(_HOST.match(address.lower())) and not address.startswith("*")
+    return True
+
+
 def expected_identity(rule: IdentityRule, service: str, entry: Mapping[str, Any]) -> SpiffeId:
     svc, node = entry.get("Service") or {}, entry.get("Node") or {}
     if rule.source == "consul_ca":
@@ -64,6 +74,8 @@ def endpoint_from_entry(service: str, entry: Mapping[str, Any], mode: Mode, rule
     port = svc.get("Port")
     if not isinstance(address, str) or not address or not isinstance(port, int) or isinstance(port, bool):
         raise ValueError("entry without a usable address and port")
+    if not _usable_address(address):
+        raise ValueError(f"address {address[:64]!r} is neither an IP address nor a host name")
     meta = (("consul.service_id", str(svc.get("ID", ""))), ("consul.node", str(node.get("Node", ""))))
     if mode == "connect":
         return Endpoint(address, port, expected_identity(rule, service, entry), "mtls", meta)
