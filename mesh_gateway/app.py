@@ -20,10 +20,12 @@ from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
+from mesh_gateway.discovery.runtime import ConsulDiscovery
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
 from mesh_gateway.edges.alpn import AlpnSite
+from mesh_gateway.edges.clusters import clusters_view
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.h2 import H2Server
 from mesh_gateway.edges.http import HttpEdge
@@ -45,8 +47,12 @@ from mesh_gateway.supervisor import Supervisor
 from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import MeteredAuthorizer, Metrics
 from mesh_gateway.telemetry.tracing import OtelTracer
+from mesh_gateway.upstream.balancing import HealthAwarePicker
+from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.upstream.outlier import OutlierDetector
+from mesh_gateway.upstream.retry import ResilientForwarder
 from mesh_gateway.upstream.websocket import WebSocketDialer
 from mesh_gateway.watch import Watch
 
@@ -115,7 +121,8 @@ class Service(Protocol):
 
 class Gateway:
     def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
-                 credentials: Credentials | None = None, identity_ttl_s: float | None = None) -> None:
+                 credentials: Credentials | None = None, identity_ttl_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """`credentials`: the first SVID when it comes from a remote issuer or Consul (see `prepare_identity`).
         `identity_ttl_s`: overrides identity.ttl without its 1-minute floor; tests use it to rotate every few s."""
         self.config = config
@@ -130,14 +137,25 @@ class Gateway:
             except CAError as exc:
                 raise StartupError(f"identity: {exc}") from None
         self.credentials: Watch[Credentials] = Watch(credentials)
-        self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
-        self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
+        self.file_routes = routes_from_config(config)
+        self.routes: Watch[CompiledRoutes] = Watch(compile_routes(self.file_routes))
+        static = catalog_from_config(config.catalog)
+        self.consul = None if config.discovery.consul is None else ConsulDiscovery(
+            config.discovery.consul, trust_domain=config.trust_domain, static=static, file_routes=self.file_routes,
+            routes=self.routes)
+        self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
         self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                        keepalive_s=config.upstream.keepalive_s)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
         self.websocket_dialer = WebSocketDialer(self.forwarder, config.protocols.websocket)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
+        self.outlier = OutlierDetector(config.resilience.outlier, clock,
+                                       on_eject=self.metrics.upstream_ejected if self.metrics else None)
+        self.picker = HealthAwarePicker(config.resilience, self.outlier)
+        self.circuits = Circuits(config.resilience)
+        resilient = ResilientForwarder(self.forwarder, picker=self.picker, outlier=self.outlier,
+                                       circuits=self.circuits, catalog=self.catalog, settings=config.resilience)
         try:
             self.identity: IdentitySource = build_source(
                 config.identity, self.gateway_id, self.credentials, ttl_s=ttl_s,
@@ -162,7 +180,8 @@ class Gateway:
         elif self.metrics is not None:
             authorizer = MeteredAuthorizer(authorizer, self.metrics)
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.gateway_id, tracer=self.tracer)
+                                 forwarder=resilient, gateway_id=lambda: self.gateway_id, tracer=self.tracer,
+                                 picker=self.picker)
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
         self.admin.add_json_view("/certs", lambda: certs_view(self.identity.status(), self.credentials.get()))
@@ -171,6 +190,11 @@ class Gateway:
             self._register_gauges(self.metrics)
         if self.authz is not None:
             self.admin.add_json_view("/policies", self.authz.view)
+        if self.consul is not None:
+            self.admin.readiness.append(self.consul.watcher.not_synced)
+        self.admin.add_json_view("/clusters", lambda: clusters_view(
+            self.catalog.get(), outlier=self.outlier, picker=self.picker, circuits=self.circuits,
+            consul=self.consul.watcher if self.consul is not None else None))
         self.supervisor = Supervisor()
         self.edges: list[HttpEdge] = []
         self.grpc_edges: list[GrpcEdge] = []
@@ -260,6 +284,10 @@ class Gateway:
         if self.authz is not None and self.authz.embedded is not None:
             self.supervisor.start("policy-watcher", self.authz.embedded.watch)
         self._started = True
+        if self.consul is not None:
+            self.consul.start(self.supervisor.start, listener=self.addresses[self.config.listeners[0].name],
+                              admin=self.addresses["admin"],
+                              ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
 
@@ -293,12 +321,16 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within drain_timeout_s, then close everything."""
+        if self.consul is not None:
+            await self.consul.deregister()
         self._started = False
         await asyncio.gather(*(runner.cleanup() for runner in self._runners),
                              *(edge.stop(self.config.drain_timeout_s) for edge in self.grpc_edges))
         self._runners.clear()
         self.grpc_edges.clear()
         await self.supervisor.stop()
+        if self.consul is not None:
+            await self.consul.close()
         await self.forwarder.close()
         await self.grpc_forwarder.close()
         await self.websocket_dialer.close()

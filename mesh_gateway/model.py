@@ -112,6 +112,9 @@ class RoutePolicy:
     idle_timeout_s: float = 60.0
     max_body_bytes: int = 10 * 1024 * 1024
     retries: int = 1
+    per_try_timeout_s: float | None = None
+    upstream_security: TlsMode = "mtls"
+    load_balancing: Literal["round_robin", "least_request"] | None = None
     authz_enabled: bool = True
     authz_failure_mode_allow: bool = False
     authz_dry_run: bool = False

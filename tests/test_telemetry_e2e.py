@@ -192,7 +192,7 @@ async def test_upstream_connect_errors_are_counted(ca, ca_dir, client_creds):
                             telemetry={"access_log": {"enabled": False}})
     async with running(config) as gw, aiohttp.ClientSession() as client:
         assert (await get(client, client_ssl(ca.bundle_pem, client_creds), url(gw, "/")))[0] == 502
-        key = ("mesh_gateway_upstream_connect_errors_total", (("reason", "UpstreamUnavailable"), ("service", "web")))
+        key = ("mesh_gateway_upstream_connect_errors_total", (("reason", "UpstreamConnectFailed"), ("service", "web")))
         samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: key in m)
     assert samples[key] == 1
     assert samples[("mesh_gateway_requests_total", (("code", "502"), ("method", "GET"), ("route", "web")))] == 1

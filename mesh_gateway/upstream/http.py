@@ -20,6 +20,7 @@ from yarl import URL
 from mesh_gateway.errors import (
     GatewayError,
     PayloadTooLarge,
+    UpstreamConnectFailed,
     UpstreamIdentityMismatch,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -73,6 +74,9 @@ class HttpForwarder:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   skip_auto_headers=_SKIP_AUTO_HEADERS,
                                                   cookie_jar=aiohttp.DummyCookieJar())
+            # Retries belong to upstream/retry.py (another endpoint, the route's budget, body replay rules);
+            # aiohttp's own silent resend of idempotent requests to the same endpoint would double them.
+            self._session._retry_connection = False
         return self._session
 
     async def close(self) -> None:
@@ -119,8 +123,15 @@ class HttpForwarder:
             raise
         except BodyTooLarge:
             raise PayloadTooLarge("request body over the cap") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            cause = gateway_cause(exc)
+            if isinstance(cause, GatewayError):
+                raise cause from None
+            raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
             cause = gateway_cause(exc)
             if isinstance(cause, GatewayError):
