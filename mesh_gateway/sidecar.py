@@ -43,6 +43,7 @@ from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.sidecar_config import SidecarConfig
+from mesh_gateway.sidecar_consul import SidecarConsul
 from mesh_gateway.sidecar_routing import (
     PeerCheck,
     inbound_table,
@@ -54,8 +55,12 @@ from mesh_gateway.supervisor import Supervisor
 from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import CONTENT_TYPE, MeteredAuthorizer, Metrics
 from mesh_gateway.telemetry.tracing import OtelTracer
+from mesh_gateway.upstream.balancing import HealthAwarePicker
+from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
 from mesh_gateway.upstream.http import HttpForwarder
+from mesh_gateway.upstream.outlier import OutlierDetector
+from mesh_gateway.upstream.retry import ResilientForwarder
 from mesh_gateway.watch import Watch
 
 log = logging.getLogger("mesh_gateway.sidecar")
@@ -119,15 +124,27 @@ class Sidecar:
             routes=self.inbound_routes, catalog=Watch(local_catalog(config)),
             authorizer=PeerCheck(config.trust_domain, allowed, policy), forwarder=self.forwarder,
             gateway_id=lambda: self.spiffe_id, tracer=self.tracer)
-        self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
+        static = catalog_from_config(config.catalog)
+        self.consul = SidecarConsul(config, static) if config.consul is not None else None
+        self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
         self.outbound_routes: Watch[CompiledRoutes] = Watch(self._outbound_routes(self.catalog.get()))
+        # Outbound calls get the gateway's resilience: health-aware balancing, outlier ejection, retries.
+        self.outlier = OutlierDetector(config.resilience.outlier,
+                                       on_eject=self.metrics.upstream_ejected if self.metrics else None)
+        self.picker = HealthAwarePicker(config.resilience, self.outlier)
+        resilient = ResilientForwarder(self.forwarder, picker=self.picker, outlier=self.outlier,
+                                       circuits=Circuits(config.resilience), catalog=self.catalog,
+                                       settings=config.resilience)
         self.outbound = Pipeline(routes=self.outbound_routes, catalog=self.catalog, authorizer=AllowAll(),
-                                 forwarder=self.forwarder, gateway_id=lambda: self.spiffe_id, tracer=self.tracer)
+                                 forwarder=resilient, gateway_id=lambda: self.spiffe_id, tracer=self.tracer,
+                                 picker=self.picker)
         grpc = config.service.protocol == "grpc"
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.grpc) if grpc else None
         self.grpc_edge: GrpcEdge | None = None
         self.admin = Admin()
         self.admin.readiness.append(self._ready)
+        if self.consul is not None:
+            self.admin.readiness.append(self.consul.watcher.not_synced)
         self._admin_views()
         self.supervisor = Supervisor()
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -242,6 +259,10 @@ class Sidecar:
             self.supervisor.start("access-log", self.access_log.run)
         if self.authz is not None and self.authz.embedded is not None:
             self.supervisor.start("policy-watcher", self.authz.embedded.watch)
+        if self.consul is not None:
+            self.consul.start(self.supervisor.start, inbound=self.addresses["inbound"],
+                              admin=self.addresses["admin"], app_ready=lambda: self._app_problem,
+                              sidecar_ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
         self._started = True
         log.info("sidecar %s for %s (app at %s:%d) serving: %s", self.spiffe_id, config.service.name,
                  config.service.address, config.service.port,
@@ -265,6 +286,9 @@ class Sidecar:
         self.grpc_edge = edge
 
     async def stop(self) -> None:
+        if self.consul is not None:
+            # Out of Consul first, so callers stop picking this sidecar while it drains.
+            await self.consul.deregister()
         self._started = False
         if self.grpc_edge is not None:
             await self.grpc_edge.stop(self.config.drain_timeout_s)
@@ -272,6 +296,8 @@ class Sidecar:
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         await self.supervisor.stop()
+        if self.consul is not None:
+            await self.consul.close()
         await self.forwarder.close()
         if self.grpc_forwarder is not None:
             await self.grpc_forwarder.close()

@@ -104,6 +104,11 @@ class SidecarConfig(cfg.Model):
     upstream: cfg.Upstream = cfg.Upstream()
     grpc: cfg.GrpcSettings = cfg.GrpcSettings()
     """Used when `service.protocol` is grpc."""
+    consul: cfg.Consul | None = None
+    """The local Consul agent: `services` (mode connect) become callable through the outbound listener, found at
+    their sidecars; with `registration.enabled` the sidecar registers the service and itself as its connect-proxy."""
+    resilience: cfg.Resilience = cfg.Resilience()
+    """Outbound: balancing, outlier ejection, retries to another instance (as in gateway.yaml)."""
     drain_timeout_s: float = Field(default=15.0, ge=0)
     telemetry: SidecarTelemetry = SidecarTelemetry()
     authz: SidecarAuthz | None = None
@@ -121,6 +126,16 @@ class SidecarConfig(cfg.Model):
             if SpiffeId.parse(peer).trust_domain != self.trust_domain:
                 raise cfg._KeyError(("inbound", "allowed_peers", index),
                                     f"must be in trust domain {self.trust_domain!r}")
+        if self.consul is not None:
+            for index, watched in enumerate(self.consul.services):
+                if watched.mode != "connect":
+                    raise cfg._KeyError(("consul", "services", index, "mode"),
+                                        "outbound mesh services must be connect (mTLS to their sidecars)")
+            given = self.consul.registration.model_fields_set & {"service_name", "service_id", "port"}
+            if given:
+                key = sorted(given)[0]
+                raise cfg._KeyError(("consul", "registration", key),
+                                    "set by the sidecar: it registers service.name and <name>-sidecar-proxy")
         for name, endpoints in self.catalog.static.items():
             for index, endpoint in enumerate(endpoints):
                 if endpoint.tls != "mtls":
@@ -164,4 +179,6 @@ def load(path: Path) -> SidecarConfig:
     }
     if config.authz is not None:
         update["authz"] = cfg.resolve_authz_paths(config.authz, base)
+    if config.consul is not None:
+        update["consul"] = cfg.resolve_discovery_paths(cfg.Discovery(consul=config.consul), base).consul
     return config.model_copy(update=update)

@@ -1,10 +1,12 @@
 """The full mesh, as real processes: inventory and two orders instances (`mesh-gateway demo-app`), each behind its own
-`mesh-gateway sidecar` process, and the gateway in front — all on 127.0.0.1 port 0, with TLS from one CA."""
+`mesh-gateway sidecar` process, all registered in Consul (a fake agent speaking Consul's HTTP API) and found there by
+the gateway and by orders' sidecar — on 127.0.0.1 port 0, with TLS from one CA, traces to one OTLP receiver."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +16,8 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.consul_support import until
+from tests.fakes.consul import FakeConsul
 from tests.fakes.otlp import OtlpReceiver
 from tests.processes import ROOT, Process, spawn
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running, url
@@ -21,6 +25,7 @@ from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, iss
 POLICIES = ROOT / "mesh_gateway" / "demo" / "policies"
 ORDERS_ID = "spiffe://mesh.local/ns/default/sa/orders"
 INVENTORY_ID = "spiffe://mesh.local/ns/default/sa/inventory"
+TTL = "3s"
 
 
 def write_sidecar_config(directory: Path, name: str, data: dict[str, Any]) -> Path:
@@ -33,16 +38,22 @@ def tracing(otlp: str) -> dict[str, Any]:
     return {"exporter": "otlp_grpc", "endpoint": otlp, "export_delay_s": 0.1}
 
 
-def sidecar_data(ca_dir: Path, service: str, spiffe_id: str, app_port: int, otlp: str,
-                 catalog: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The demo's inbound policy (mesh_inbound.rego) decides who may call: gateway → orders → inventory."""
+def consul_block(consul: str, services: list[str], **extra: Any) -> dict[str, Any]:
+    return {"address": consul.split("://")[1], "wait_s": 60, "retry_base_s": 0.01, "retry_max_s": 0.05,
+            "rate_limit_per_s": 100, "watch_tagged": False, "services": [{"name": s} for s in services], **extra}
+
+
+def sidecar_data(ca_dir: Path, service: str, spiffe_id: str, app_port: int, otlp: str, consul: str,
+                 calls: list[str]) -> dict[str, Any]:
+    """The demo's inbound policy (mesh_inbound.rego) decides who may call: gateway → orders → inventory. The
+    sidecar registers its service and itself (connect-proxy, TTL check) and finds `calls` in Consul."""
     return {
         "trust_domain": "mesh.local",
         "service": {"name": service, "port": app_port},
         "identity": {"spiffe_id": spiffe_id, "issuer": "local", "ca_dir": str(ca_dir)},
         "inbound": {"address": "127.0.0.1:0"},
-        "outbound": {"address": "127.0.0.1:0", "enabled": catalog is not None},
-        "catalog": {"static": catalog or {}},
+        "outbound": {"address": "127.0.0.1:0", "enabled": bool(calls)},
+        "consul": consul_block(consul, calls, registration={"enabled": True, "check": "ttl", "ttl_s": TTL}),
         "admin": {"address": "127.0.0.1:0"},
         "drain_timeout_s": 2,
         "authz": {"policies": str(POLICIES)},
@@ -54,18 +65,16 @@ SERVING = r"serving: inbound=127\.0\.0\.1:(\d+)(?:, outbound=127\.0\.0\.1:(\d+))
 
 
 @contextlib.asynccontextmanager
-async def mesh(ca_dir: Path, workdir: Path, otlp: str) -> AsyncIterator[dict[str, Any]]:
+async def mesh(ca_dir: Path, workdir: Path, otlp: str, consul: str) -> AsyncIterator[dict[str, Process]]:
     procs: list[Process] = []
     try:
         inventory = await spawn("inventory", "demo-app", "inventory", "--listen", "127.0.0.1:0")
         procs.append(inventory)
         inventory_port = int((await inventory.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
         inv_sidecar = await spawn("inventory-sidecar", "sidecar", "-c", str(write_sidecar_config(
-            workdir, "inventory", sidecar_data(ca_dir, "inventory", INVENTORY_ID, inventory_port, otlp))))
+            workdir, "inventory", sidecar_data(ca_dir, "inventory", INVENTORY_ID, inventory_port, otlp, consul, []))))
         procs.append(inv_sidecar)
-        inv_inbound = int((await inv_sidecar.wait_for(SERVING)).group(1))
-        catalog = {"inventory": [{"address": "127.0.0.1", "port": inv_inbound, "spiffe_id": INVENTORY_ID}]}
-        orders_inbound = []
+        await inv_sidecar.wait_for(SERVING)
         for index in range(2):
             # The app's socket is bound first so its sidecar knows the port; the app then needs the sidecar's
             # outbound port. The bound socket is handed to the app process, so no port is ever guessed.
@@ -73,18 +82,17 @@ async def mesh(ca_dir: Path, workdir: Path, otlp: str) -> AsyncIterator[dict[str
             app_sock.bind(("127.0.0.1", 0))
             app_sock.listen(64)
             sidecar = await spawn(f"orders-sidecar-{index}", "sidecar", "-c", str(write_sidecar_config(
-                workdir, f"orders-{index}",
-                sidecar_data(ca_dir, "orders", ORDERS_ID, app_sock.getsockname()[1], otlp, catalog))))
+                workdir, f"orders-{index}", sidecar_data(ca_dir, "orders", ORDERS_ID, app_sock.getsockname()[1],
+                                                         otlp, consul, ["inventory"]))))
             procs.append(sidecar)
             found = await sidecar.wait_for(SERVING)
-            orders_inbound.append(int(found.group(1)))
             app = await spawn(f"orders-{index}", "demo-app", "orders", "--listen-fd", str(app_sock.fileno()),
                               "--inventory-url", f"http://127.0.0.1:{found.group(2)}/inventory",
                               pass_fds=(app_sock.fileno(),))
             app_sock.close()
             procs.append(app)
             await app.wait_for("listening on")
-        yield {"procs": {p.name: p for p in procs}, "orders_inbound": orders_inbound, "inventory_inbound": inv_inbound}
+        yield {p.name: p for p in procs}
     finally:
         for proc in reversed(procs):
             await proc.stop()
@@ -97,44 +105,76 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver.stop()
 
 
-def gateway_for(ca_dir: Path, m: dict[str, Any], otlp: OtlpReceiver) -> Any:
-    catalog = {
-        "orders": [{"address": "127.0.0.1", "port": p, "spiffe_id": ORDERS_ID} for p in m["orders_inbound"]],
-        "inventory": [{"address": "127.0.0.1", "port": m["inventory_inbound"], "spiffe_id": INVENTORY_ID}],
-    }
+@pytest.fixture
+async def consul() -> AsyncIterator[FakeConsul]:
+    fake = FakeConsul()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+def gateway_for(ca_dir: Path, otlp: OtlpReceiver, consul: FakeConsul) -> Any:
     routes = [{"name": "orders", "match": {"path_prefix": "/orders/"}, "service": "orders"},
               {"name": "inventory", "match": {"path_prefix": "/items"}, "service": "inventory"}]
-    return gateway_config(ca_dir, catalog, routes=routes,
+    return gateway_config(ca_dir, {}, routes=routes, discovery={"consul": consul_block(consul.url, ["orders",
+                                                                                                   "inventory"])},
                           telemetry={"tracing": tracing(otlp.endpoint), "access_log": {"enabled": False}})
 
 
-async def test_full_mesh_allows_the_right_callers_denies_the_others_in_one_trace(ca, ca_dir, tmp_path, otlp):
-    async with mesh(ca_dir, tmp_path, otlp.endpoint) as m:
+def instances(catalog: Any, service: str) -> list[int]:
+    found = catalog.get(service)
+    return sorted(e.port for e in found.endpoints) if found else []
+
+
+async def test_full_mesh_through_consul_in_one_trace(ca, ca_dir, tmp_path, otlp, consul):
+    async with mesh(ca_dir, tmp_path, otlp.endpoint, consul.url) as procs, \
+            running(gateway_for(ca_dir, otlp, consul)) as gw, aiohttp.ClientSession() as client:
+        # Found through Consul: both orders sidecars and inventory's, as connect-proxies of their services.
+        catalog = await until(gw.catalog, lambda c: len(instances(c, "orders")) == 2 and instances(c, "inventory"),
+                              timeout_s=15)
+        assert {str(e.spiffe_id) for e in catalog.get("orders").endpoints} == {ORDERS_ID}
+        proxies = [i for i in consul.instances.values() if i.kind == "connect-proxy"]
+        assert sorted(i.proxy["DestinationServiceName"] for i in proxies) == ["inventory", "orders", "orders"]
         client_tls = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-        async with running(gateway_for(ca_dir, m, otlp)) as gw, aiohttp.ClientSession() as client:
-            # Allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory.
-            async with client.get(url(gw, "/orders/apple"), ssl=client_tls,
-                                  headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}) as resp:
+        # Allowed: gateway → orders' sidecar → orders → its sidecar → inventory's sidecar → inventory.
+        async with client.get(url(gw, "/orders/apple"), ssl=client_tls,
+                              headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+        assert body["caller"] == GATEWAY_ID
+        assert body["inventory"]["caller"] == ORDERS_ID
+        assert body["inventory"]["in_stock"] == 12
+        assert body["inventory"]["traceparent"].split("-")[1] == trace_id
+        # Denied by inventory's sidecar policy: the gateway's identity may not call inventory.
+        async with client.get(url(gw, "/items"), ssl=client_tls) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"] == "forbidden"
+        # A mesh identity other than the gateway calling an orders sidecar directly is refused as well.
+        direct = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
+        direct.check_hostname = False
+        async with client.get(f"https://127.0.0.1:{instances(catalog, 'orders')[0]}/orders/apple",
+                              ssl=direct) as resp:
+            assert resp.status == 403
+
+        # Every hop has exported its spans of that request before anything is killed.
+        await otlp.wait_for(lambda spans: {s.resource["service.name"] for s in spans if s.trace_id == trace_id}
+                            >= {"mesh-gateway", "orders-sidecar", "inventory-sidecar"}, timeout_s=15)
+
+        # One orders sidecar dies without a word: the gateway routes around it at once (retry on connect
+        # failure, then ejection), and Consul's TTL check takes it out of the catalog.
+        await procs["orders-sidecar-1"].stop(signal.SIGKILL)
+        for _ in range(6):
+            async with client.get(url(gw, "/orders/plum"), ssl=client_tls) as resp:
                 assert resp.status == 200, await resp.text()
-                body = await resp.json()
-            assert body["caller"] == GATEWAY_ID
-            assert body["inventory"]["caller"] == ORDERS_ID
-            assert body["inventory"]["in_stock"] == 12
-            assert body["inventory"]["traceparent"].split("-")[1] == trace_id
-            # Denied by inventory's sidecar policy: the gateway's identity may not call inventory.
-            async with client.get(url(gw, "/items"), ssl=client_tls) as resp:
-                assert resp.status == 403
-                assert (await resp.json())["error"] == "forbidden"
-            # A mesh identity other than the gateway calling orders' sidecar directly is refused as well.
-            direct = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
-            direct.check_hostname = False
-            async with client.get(f"https://127.0.0.1:{m['orders_inbound'][0]}/orders/apple", ssl=direct) as resp:
-                assert resp.status == 403
-        # Every process shuts down cleanly on SIGTERM (and flushes its spans on the way out).
-        codes = {name: await proc.stop() for name, proc in m["procs"].items()}
+        await until(gw.catalog, lambda c: len(instances(c, "orders")) == 1, timeout_s=15)
+
+        # Every other process shuts down cleanly on SIGTERM, the sidecars taking themselves out of Consul first.
+        codes = {name: await proc.stop() for name, proc in procs.items() if name != "orders-sidecar-1"}
         assert set(codes.values()) == {0}, codes
-        decisions = [json.loads(line) for line in m["procs"]["inventory-sidecar"].lines if line.startswith("{")]
+        left = sorted(i.service_id for i in consul.instances.values())
+        assert len(left) == 2 and all("orders" in s for s in left), "only the killed sidecar's entries remain"
+        decisions = [json.loads(line) for line in procs["inventory-sidecar"].lines if line.startswith("{")]
         assert {(d["principal"], d["result"]) for d in decisions} >= {(GATEWAY_ID, "deny"), (ORDERS_ID, "allow")}
 
     spans = [s for s in otlp.snapshot() if s.trace_id == trace_id]

@@ -22,6 +22,7 @@ from mesh_gateway.errors import NotFound
 from mesh_gateway.model import RequestInfo
 from mesh_gateway.sidecar import Sidecar, first_svid
 from mesh_gateway.sidecar_config import SidecarConfig, parse
+from mesh_gateway.sidecar_consul import connect_registrations
 from mesh_gateway.sidecar_routing import service_addressing
 from tests.grpc_support import ECHO_ID, compile_echo, start_echo_upstream
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, issue
@@ -283,3 +284,33 @@ async def test_readiness_follows_the_local_app(ca, ca_dir):
                     await asyncio.sleep(0.02)
     finally:
         sock.close()
+
+
+def test_connect_registrations_describe_the_service_and_its_proxy():
+    config = parse({"trust_domain": "mesh.local", "service": {"name": "orders", "port": 8080},
+                    "identity": {"spiffe_id": ORDERS_ID},
+                    "consul": {"registration": {"enabled": True, "check": "ttl", "ttl_s": "15s", "address": "10.0.0.7",
+                                                "tags": ["v1"]}}})
+    assert config.consul is not None
+    service, proxy = connect_registrations(config, config.consul.registration, inbound=("0.0.0.0", 15443),
+                                           admin=("127.0.0.1", 15000))
+    assert service["Name"] == "orders" and service["Port"] == 8080 and service["Address"] == "10.0.0.7"
+    assert proxy["Kind"] == "connect-proxy" and proxy["Name"] == "orders-sidecar-proxy" and proxy["Port"] == 15443
+    assert proxy["Proxy"] == {"DestinationServiceName": "orders", "DestinationServiceID": service["ID"],
+                              "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8080}
+    assert service["Meta"]["spiffe_id"] == proxy["Meta"]["spiffe_id"] == ORDERS_ID
+    assert proxy["Check"]["TTL"] == "15000ms" and proxy["Check"]["CheckID"] == f"service:{proxy['ID']}"
+    assert proxy["Tags"] == ["v1"]
+
+
+@pytest.mark.parametrize(("consul", "message"), [
+    ({"services": [{"name": "inventory", "mode": "plain"}]},
+     "consul.services[0].mode: outbound mesh services must be connect"),
+    ({"registration": {"enabled": True, "service_name": "x"}},
+     "consul.registration.service_name: set by the sidecar"),
+])
+def test_sidecar_consul_settings_errors_name_the_key(consul, message):
+    with pytest.raises(ConfigError) as raised:
+        parse({"trust_domain": "mesh.local", "service": {"name": "orders", "port": 8080},
+               "identity": {"spiffe_id": ORDERS_ID}, "consul": consul})
+    assert any(line.startswith(message) for line in raised.value.errors), raised.value.errors
