@@ -99,11 +99,20 @@ def test_compose_configs_only_name_services_of_the_stack():
             continue
         mounts = dict(reversed(v.split(":")[:2]) for v in svc.get("volumes", []))
         data = yaml.safe_load((ROOT / mounts[str(args.config)]).read_text())
+        consul = data.get("consul") or (data.get("discovery") or {}).get("consul") or {}
         urls = [((data.get("authz") or {}).get("opa") or {}).get("url"),
-                data.get("telemetry", {}).get("tracing", {}).get("endpoint")]
+                data.get("telemetry", {}).get("tracing", {}).get("endpoint"),
+                f"http://{consul['address']}" if consul else None,
+                (data.get("identity", {}).get("remote") or {}).get("address")]
         for found in filter(None, urls):
-            host = found.split("://", 1)[1].split(":")[0].split("/")[0]
+            host = found.split("://", 1)[-1].split(":")[0].split("/")[0]
             assert host in services, f"{name}: {found} names no service of the stack"
+            assert host in svc.get("depends_on", {}) or host == svc.get("network_mode", "").removeprefix("service:"), \
+                f"{name} uses {host} but does not wait for it"
+        if consul.get("registration", {}).get("enabled"):
+            # Registered under a name the other containers resolve: the service whose network namespace it uses.
+            own = svc.get("network_mode", "").removeprefix("service:") or name
+            assert consul["registration"]["address"] == own, f"{name} registers an address others cannot reach"
 
 
 def volume_of(svc: dict[str, Any], container_path: str) -> tuple[str, str] | None:
