@@ -315,6 +315,14 @@ def test_k8s_policies_compile_and_decide_like_the_shipped_files():
         assert decide(engine, "data.mesh.inbound.allow", document) == decide(demo, "data.mesh.inbound.allow", document)
 
 
+def test_the_sidecar_yaml_in_the_docs_passes_check(tmp_path, capsys):
+    text = (ROOT / "docs" / "sidecar.md").read_text()
+    example = text.split("## sidecar.yaml", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(example)
+    check_ok(path, capsys)
+
+
 def test_systemd_unit_runs_valid_commands():
     text = (ROOT / "deploy" / "systemd" / "mesh-gateway.service").read_text()
     commands = re.findall(r"^ExecStart(?:Pre)?=(\S+) (.*)$", text, re.M)
