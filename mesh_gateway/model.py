@@ -69,7 +69,13 @@ class Endpoint:
 
     @property
     def key(self) -> str:
-        return f"{self.address}:{self.port}"
+        return self.authority
+
+    @property
+    def authority(self) -> str:
+        """host:port as it goes in a URL; IPv6 literals in brackets."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,7 +104,7 @@ class HttpForwarder:
                       exchange: Exchange) -> Response:
         ssl_context = self.ssl_context_for(endpoint)
         scheme = "http" if ssl_context is False else "https"
-        url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{request.target}", encoded=True)
+        url = URL(f"{scheme}://{endpoint.authority}{request.target}", encoded=True)
         headers = CIMultiDict(request.headers)
         headers["Host"] = request.host
         if exchange.info.content_length is not None:

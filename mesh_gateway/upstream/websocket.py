@@ -41,7 +41,7 @@ class WebSocketDialer:
         """Upgrade to `endpoint`; raises GatewayError (identity mismatch, refused, timeout) before any message."""
         ssl_context = self._forwarder.ssl_context_for(endpoint)
         scheme = "ws" if ssl_context is False else "wss"
-        url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{target}", encoded=True)
+        url = URL(f"{scheme}://{endpoint.authority}{target}", encoded=True)
         settings = self._settings
         try:
             async with asyncio.timeout(settings.connect_timeout_s):
