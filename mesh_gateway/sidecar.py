@@ -127,6 +127,7 @@ class Sidecar:
         static = catalog_from_config(config.catalog)
         self.consul = SidecarConsul(config, static) if config.consul is not None else None
         self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
+        self._routed_version = self.catalog.version
         self.outbound_routes: Watch[CompiledRoutes] = Watch(self._outbound_routes(self.catalog.get()))
         # Outbound calls get the gateway's resilience: health-aware balancing, outlier ejection, retries.
         self.outlier = OutlierDetector(config.resilience.outlier,
@@ -190,8 +191,9 @@ class Sidecar:
     async def _follow_catalog(self) -> None:
         """Keep the outbound routes in step with the catalog (services appear and vanish with discovery)."""
         while True:
-            version = self.catalog.version
-            if await self.catalog.changed(version, CATALOG_FOLLOW_S):
+            # From the version the current routes were built from, so a change before this task ran is not lost.
+            if await self.catalog.changed(self._routed_version, CATALOG_FOLLOW_S):
+                self._routed_version = self.catalog.version
                 self.outbound_routes.publish(self._outbound_routes(self.catalog.get()))
 
     async def probe_app(self) -> str | None:
