@@ -80,10 +80,7 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None, *,
-                     shutdown_timeout_s: float) -> tuple[web.BaseRunner, tuple[str, int]]:
-    """Bind `address` and serve `edge` on it; returns the runner (to clean up) and the bound (host, port)."""
-    runner = web.ServerRunner(edge.server(), shutdown_timeout=shutdown_timeout_s)
+async def _serve_on(runner: web.BaseRunner, address: str, ssl_context: ssl.SSLContext | None) -> tuple[str, int]:
     await runner.setup()
     try:
         sock = bind(address)
@@ -92,20 +89,19 @@ async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext |
         raise
     await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     host, port = sock.getsockname()[:2]
-    return runner, (host, port)
+    return host, port
+
+
+async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None, *,
+                     shutdown_timeout_s: float) -> tuple[web.BaseRunner, tuple[str, int]]:
+    """Bind `address` and serve `edge` on it; returns the runner (to clean up) and the bound (host, port)."""
+    runner = web.ServerRunner(edge.server(), shutdown_timeout=shutdown_timeout_s)
+    return runner, await _serve_on(runner, address, ssl_context)
 
 
 async def serve_admin(admin: Admin, address: str) -> tuple[web.BaseRunner, tuple[str, int]]:
     runner = web.AppRunner(admin.app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        sock = bind(address)
-    except StartupError:
-        await runner.cleanup()
-        raise
-    await web.SockSite(runner, sock).start()
-    host, port = sock.getsockname()[:2]
-    return runner, (host, port)
+    return runner, await _serve_on(runner, address, None)
 
 
 class Service(Protocol):
