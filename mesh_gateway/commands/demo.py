@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +41,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--admin", default="127.0.0.1:9901")
     parser.add_argument("--mesh-ports", type=int, default=9100, metavar="BASE",
                         help="the demo mesh uses ports BASE+1 … BASE+32 on 127.0.0.1 (0: any free ports)")
-    parser.add_argument("--otlp", metavar="URL", default=None,
-                        help="export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 (Jaeger); default: off")
+    parser.add_argument("--otlp", metavar="URL|auto|off", default="auto",
+                        help="export traces over OTLP/gRPC to URL, e.g. http://127.0.0.1:4317 (Jaeger); "
+                             "auto (default): there if a collector listens on 127.0.0.1:4317, else off")
     parser.set_defaults(handler=handle)
 
 
@@ -105,7 +107,25 @@ async def demo_mesh(directory: Path, *, upstream_port: int, mesh_base_port: int,
         await upstream.close()
 
 
-def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, key: Path) -> str:
+LOCAL_COLLECTOR = ("127.0.0.1", 4317)
+
+
+def resolve_otlp(choice: str, collector: tuple[str, int] = LOCAL_COLLECTOR) -> str | None:
+    """`auto`: export to a collector on the default OTLP/gRPC port when one is listening, so that a newcomer running
+    Jaeger next to `make run` sees traces without a flag; nothing listening → tracing off, no export errors."""
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return choice
+    try:
+        socket.create_connection(collector, timeout=0.2).close()
+    except OSError:
+        return None
+    return f"http://{collector[0]}:{collector[1]}"
+
+
+def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, key: Path,
+                 otlp: str | None = None) -> str:
     host, port = gateway.addresses["public"]
     host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     admin_host, admin_port = gateway.addresses["admin"]
@@ -124,8 +144,11 @@ def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, 
         f"  gateway    http://{admin_host}:{admin_port}/readyz  /metrics  /certs  /policies\n"
         f"  sidecars   {mesh.admin_url('orders')}/certs (orders' SVID, from the CA API with a join token) and "
         f"{mesh.admin_url('inventory')}/readyz\n"
-        f"  traces     run with --otlp http://127.0.0.1:4317 next to a Jaeger (UI :16686): one trace per request "
-        f"across the gateway and both sidecars\nStop: Ctrl-C\n")
+        + (f"  traces     exported to {otlp}: in Jaeger (UI :16686) one trace per request spans the gateway and "
+           f"both sidecars\n" if otlp else
+           "  traces     start a Jaeger (OTLP on 127.0.0.1:4317, UI :16686) before the demo and it exports to it: "
+           "one trace per request across the gateway and both sidecars\n")
+        + "Stop: Ctrl-C\n")
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -140,13 +163,15 @@ def handle(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
 
+    otlp = resolve_otlp(args.otlp)
+
     async def main() -> int:
         try:
             async with demo_mesh(directory, upstream_port=args.upstream_port, mesh_base_port=args.mesh_ports,
-                                 otlp=args.otlp) as (upstream, mesh):
-                gateway = Gateway(demo_config(directory, args.listen, upstream.port, args.admin, mesh, args.otlp))
+                                 otlp=otlp) as (upstream, mesh):
+                gateway = Gateway(demo_config(directory, args.listen, upstream.port, args.admin, mesh, otlp))
                 return await run_until_signalled(gateway, on_started=lambda: print(
-                    instructions(gateway, mesh, directory, cert_path, key_path), flush=True))
+                    instructions(gateway, mesh, directory, cert_path, key_path, otlp), flush=True))
         except (StartupError, CAError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return 1
