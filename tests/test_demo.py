@@ -14,6 +14,7 @@ from mesh_gateway.app import Gateway
 from mesh_gateway.commands.demo import demo_config, demo_mesh, ensure_client_cert, instructions, resolve_otlp
 from tests.fakes.otlp import OtlpReceiver
 
+
 async def curl(line: str) -> tuple[int, dict[str, object]]:
     argv = [*shlex.split(line), "-s", "-w", "\n%{http_code}"]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
