@@ -251,7 +251,16 @@ class Gateway:
         return static_chain, client_ca
 
     async def start(self) -> None:
-        """Bind every listener and the admin port; the gateway is serving when this returns."""
+        """Bind every listener and the admin port; the gateway is serving when this returns.
+
+        If any listener cannot be bound, the ones already bound are closed again before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         for listener in self.config.listeners:
             if listener.protocol == "grpc":
                 await self._start_grpc(listener)
