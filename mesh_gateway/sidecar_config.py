@@ -121,26 +121,26 @@ class SidecarConfig(cfg.Model):
     @model_validator(mode="after")
     def _cross_checks(self) -> SidecarConfig:
         if SpiffeId.parse(self.identity.spiffe_id).trust_domain != self.trust_domain:
-            raise cfg._KeyError(("identity", "spiffe_id"), f"must be in trust domain {self.trust_domain!r}")
+            raise cfg.KeyPathError(("identity", "spiffe_id"), f"must be in trust domain {self.trust_domain!r}")
         for index, peer in enumerate(self.inbound.allowed_peers):
             if SpiffeId.parse(peer).trust_domain != self.trust_domain:
-                raise cfg._KeyError(("inbound", "allowed_peers", index),
+                raise cfg.KeyPathError(("inbound", "allowed_peers", index),
                                     f"must be in trust domain {self.trust_domain!r}")
         if self.consul is not None:
             for index, watched in enumerate(self.consul.services):
                 if watched.mode != "connect":
-                    raise cfg._KeyError(("consul", "services", index, "mode"),
+                    raise cfg.KeyPathError(("consul", "services", index, "mode"),
                                         "outbound mesh services must be connect (mTLS to their sidecars)")
             given = self.consul.registration.model_fields_set & {"service_name", "service_id", "port"}
             if given:
                 key = sorted(given)[0]
-                raise cfg._KeyError(("consul", "registration", key),
+                raise cfg.KeyPathError(("consul", "registration", key),
                                     "set by the sidecar: it registers service.name and <name>-sidecar-proxy")
         for name, endpoints in self.catalog.static.items():
             for index, endpoint in enumerate(endpoints):
                 if endpoint.tls != "mtls":
                     # The outbound listener exists to add mTLS; a cleartext mesh call would defeat it.
-                    raise cfg._KeyError(("catalog", "static", name, index, "tls"),
+                    raise cfg.KeyPathError(("catalog", "static", name, index, "tls"),
                                         "outbound mesh services must use mtls")
         return self
 
