@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no known variant in {args.variants!r}")
     root = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     sup = Supervisor()
+    print(f"work dir: {root}", file=sys.stderr, flush=True)
     try:
         bench = Bench(args, root, sup)
         results = []

@@ -22,16 +22,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _group_members(pgid: int) -> list[str]:
+def _processes_mentioning(text: str) -> list[str]:
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if int(raw[raw.rindex(")") + 2:].split()[2]) == pgid:
-                found.append(entry)
+            if text in cmdline:
+                found.append(cmdline)
     return found
 
 
@@ -52,5 +52,7 @@ def test_smoke_run_prints_a_table_for_all_three_targets_and_cleans_up() -> None:
         assert row.split("|")[-2].strip() == "0", f"requests failed: {row}"
     summary = rows[3]
     assert summary.split("|")[2].strip().endswith("x")  # gateway/nginx ratio printed
-    # Every nginx and gateway process was started in the runner's session tree and must be gone.
-    assert _group_members(proc.pid) == []
+    # nginx masters and the gateway carry the run's work dir in their command line; none may outlive the run.
+    workdir = next(line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("work dir: "))
+    assert _processes_mentioning(workdir) == []
+    assert not Path(workdir).exists()
