@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import ssl
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+import spyprof  # noqa: E402
 from procs import BenchError, Supervisor, Usage, free_port, group_usage, wait_until  # noqa: E402
 from setups import (  # noqa: E402
     FEATURE_KEYS,
@@ -181,8 +183,12 @@ class Bench:
                                proxy_conf(self.root, self.pki, ng_port, self.up, tls=f.tls, workers=f.workers))
         gw = None
         if "gateway" in self.targets:
-            gw = self.sup.start(f"gateway-{variant.key}",
-                                [self.args.python, "-m", "mesh_gateway", "run", "-c", str(gw_yaml)],
+            argv = [self.args.python, "-m", "mesh_gateway", "run", "-c", str(gw_yaml)]
+            if self.args.gateway_cmd:  # an alternative proxy in the gateway's seat (see docs/performance.md)
+                argv = shlex.split(self.args.gateway_cmd.format(
+                    python=self.args.python, port=gw_port, root=self.root, upstream_port=self.up.mtls,
+                    plain_upstream_port=self.up.plain, tls=int(f.tls)))
+            gw = self.sup.start(f"gateway-{variant.key}", argv,
                                 self.root / f"gateway-{variant.key}.log",
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=self.root)
         try:
@@ -207,6 +213,8 @@ class Bench:
                     if proc:
                         self.sup.check_alive(proc)
                     result.samples[name].append(to_sample(report, before, after))
+            if self.args.profile and gw:
+                self._profile(variant, f"{scheme}://127.0.0.1:{gw_port}{variant.path}", gw.pid)
             result.peak_rss_kib = {"nginx": group_usage(ng.pid).peak_rss_kib}
             if gw:
                 result.peak_rss_kib["gateway"] = group_usage(gw.pid).peak_rss_kib
@@ -215,6 +223,26 @@ class Bench:
                 self.sup.stop(gw)
             self.sup.stop(ng)
         return result
+
+
+    def _profile(self, variant: Variant, url: str, pid: int) -> None:
+        exe = spyprof.py_spy(self.args.python)
+        if exe is None:
+            raise BenchError("--profile needs py-spy: pip install py-spy")
+        out_dir = Path(self.args.profile)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / f"{variant.key}.txt"
+        spy = spyprof.start(exe, pid, self.args.duration, raw)
+        try:
+            run_wrk(self.wrk, self.args, url, self.args.duration)
+            spy.wait(timeout=self.args.duration + 30)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(timeout=5)
+        summary = spyprof.summarise(raw)
+        (out_dir / f"{variant.key}-top.md").write_text(f"# {variant.label}\n\n{summary}\n")
+        print(f"profile of {variant.key} ({raw}):\n{summary}", file=sys.stderr)
 
 
 def to_sample(report: dict[str, float], before: Usage, after: Usage) -> Sample:
@@ -275,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(v.key for v in VARIANTS),
                         help="comma-separated subset of: " + ", ".join(v.key for v in VARIANTS))
     parser.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,nginx,gateway")
+    parser.add_argument("--gateway-cmd", default="",
+                        help="run this command instead of the gateway; {python} {port} {root} {upstream_port} "
+                             "{plain_upstream_port} {tls} are substituted")
+    parser.add_argument("--profile", metavar="DIR", default="",
+                        help="after the rounds, profile the gateway with py-spy under one more wrk run; "
+                             "raw stacks and a top-functions table go to DIR")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, certs, logs)")
     parser.add_argument("--smoke", action="store_true", help="1 s, one round, no warm-up, plain+tls only")
