@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mesh_gateway.commands import ca, check, run
+from mesh_gateway.commands import ca, check, demo, run
 
-COMMAND_MODULES = (run, check, ca)
+COMMAND_MODULES = (run, check, ca, demo)
 
 EXIT_USAGE = 2
 

@@ -50,13 +50,13 @@ def upstream_request_headers(info: RequestInfo, gateway_id: SpiffeId, *, add: He
     removed = frozenset(name.lower() for name in remove) | FRAMING
     out = [(n, v) for n, v in sanitise_inbound(info.headers) if n not in removed]
     forwarded_for = info.header("x-forwarded-for")
-    out = [(n, v) for n, v in out if n != "x-forwarded-for"]
+    out = [(n, v) for n, v in out if n not in ("x-forwarded-for", "x-request-id")]
     out.append(("x-forwarded-for", f"{forwarded_for}, {info.client_address}" if forwarded_for
                 else info.client_address))
     out.append(("x-forwarded-proto", info.scheme))
     out.append(("x-forwarded-host", info.host))
-    if info.header("x-request-id") is None:
-        out.append(("x-request-id", info.request_id))
+    # The edge adopted the client's x-request-id when it sent one, so this keeps it or adds ours.
+    out.append(("x-request-id", info.request_id))
     client_id = info.peer_spiffe_id
     if client_id is not None:
         out.append(("x-forwarded-client-cert", xfcc(gateway_id, client_id)))

@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint typecheck bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+## make run: bootstrap the CA into certs/ and start the gateway in front of a demo mTLS upstream
+run: $(VENV)/.base
+	$(PY) -m mesh_gateway demo --dir certs
+
+## make test: lint, type-check, import layers, policy tests and the whole pytest suite
+test: $(VENV)/.test
+	$(VENV)/bin/ruff check mesh_gateway tests bench
+	$(VENV)/bin/mypy --strict mesh_gateway
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The demo: a small mTLS upstream and the one-command gateway that `make run` starts."""

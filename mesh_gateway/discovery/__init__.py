@@ -1,0 +1,1 @@
+"""Discovery: where endpoints and routes come from (the static catalog file, Consul)."""

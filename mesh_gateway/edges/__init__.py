@@ -1,0 +1,1 @@
+"""Front ends: the HTTP listener, the admin listener."""

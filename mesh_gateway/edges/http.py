@@ -1,0 +1,197 @@
+"""The HTTP edge: aiohttp's low-level server in, `RequestInfo` + body stream to the pipeline, `Response` out.
+
+The pipeline never sees aiohttp types; this module is the whole HTTP/1.1 codec seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_exceptions import HTTPException
+
+from mesh_gateway.config import Limits
+from mesh_gateway.errors import (
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    Unauthenticated,
+    UriTooLong,
+    as_gateway_error,
+)
+from mesh_gateway.identity.tls import peer_spiffe_id
+from mesh_gateway.model import PeerCert, RequestInfo, Response
+from mesh_gateway.pipeline import Exchange, Pipeline, error_response
+from mesh_gateway.spiffe import IdentityError
+from mesh_gateway.upstream.http import BodyTooLarge
+
+log = logging.getLogger("mesh_gateway.edge")
+
+CompletionHook = Callable[[Exchange], None]
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A client's request id is adopted only if it is short and plain: it ends up in logs and upstream headers.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class HttpEdge:
+    def __init__(self, *, name: str, pipeline: Pipeline, limits: Limits, tls: bool,
+                 on_complete: list[CompletionHook] | None = None) -> None:
+        self.name = name
+        self._pipeline = pipeline
+        self._limits = limits
+        self._scheme = "https" if tls else "http"
+        self.on_complete: list[CompletionHook] = on_complete if on_complete is not None else []
+
+    def server(self) -> web.Server:
+        limits = self._limits
+        # aiohttp's own parser limits sit above ours so that we, not it, answer 414/431 with a proper body.
+        return web.Server(self.handle, access_log=None, keepalive_timeout=limits.idle_timeout_s,
+                          max_line_size=limits.max_request_line_bytes * 2,
+                          max_field_size=limits.max_header_bytes * 2, max_headers=limits.max_headers * 2)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        request_id = request.headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        try:
+            info = self._request_info(request, request_id)
+        except GatewayError as error:
+            return await self._write(request, error_response(error, request_id), None)
+        exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
+        body = self._body(request, exchange) if request.body_exists else None
+        try:
+            response = await self._pipeline.handle(exchange, body)
+        except Exception as exc:
+            response = internal_error(exc, request_id)
+            exchange.error = as_gateway_error(exc)
+            exchange.span.fail(exchange.error)
+        return await self._write(request, response, exchange)
+
+    def _request_info(self, request: web.BaseRequest, request_id: str) -> RequestInfo:
+        limits = self._limits
+        raw_path = request.raw_path
+        if len(raw_path) + len(request.method) + 12 > limits.max_request_line_bytes:
+            raise UriTooLong(f"request target of {len(raw_path)} bytes")
+        raw_headers = request.raw_headers
+        if len(raw_headers) > limits.max_headers:
+            raise HeadersTooLarge(f"{len(raw_headers)} header fields")
+        size = 0
+        headers = []
+        for name, value in raw_headers:
+            size += len(name) + len(value) + 4
+            headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        if size > limits.max_header_bytes:
+            raise HeadersTooLarge(f"{size} bytes of headers")
+        path, _, query = raw_path.partition("?")
+        transport = request.transport
+        peer = self._peer(transport)
+        client = transport.get_extra_info("peername") if transport else None
+        local = transport.get_extra_info("sockname") if transport else None
+        content_length = request.content_length
+        if content_length is not None and content_length > limits.max_body_bytes:
+            raise PayloadTooLarge(f"declared body of {content_length} bytes")
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        return RequestInfo(
+            method=request.method,
+            path=path,
+            query=query,
+            host=request.headers.get("host", ""),
+            scheme=self._scheme,
+            headers=tuple(headers),
+            client_address=client[0] if client else "",
+            client_port=client[1] if client else 0,
+            request_id=request_id,
+            protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            listener=self.name,
+            local_address=local[0] if local else "",
+            local_port=local[1] if local else 0,
+            peer=peer,
+            sni=ssl_object.server_hostname if ssl_object is not None else None,
+            content_length=content_length,
+        )
+
+    @staticmethod
+    def _peer(transport: Any) -> PeerCert | None:
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        if ssl_object is None:
+            return None
+        try:
+            spiffe_id = peer_spiffe_id(ssl_object)
+        except IdentityError as exc:
+            raise Unauthenticated(str(exc), public_message="client certificate must carry exactly one SPIFFE ID"
+                                  ) from None
+        if spiffe_id is None:
+            return None
+        return PeerCert(spiffe_id, ssl_object.getpeercert(binary_form=True))
+
+    async def _body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:
+        if request.headers.get("expect", "").lower() == "100-continue" and request.writer is not None:
+            # Sent only once the request was routed and authorized: the body is wanted.
+            await request.writer.write(_CONTINUE)
+        cap = (exchange.route.policy.max_body_bytes if exchange.route else self._limits.max_body_bytes)
+        cap = min(cap, self._limits.max_body_bytes)
+        async for chunk in request.content.iter_any():
+            exchange.bytes_in += len(chunk)
+            if exchange.bytes_in > cap:
+                raise BodyTooLarge()
+            yield chunk
+
+    async def _write(self, request: web.BaseRequest, response: Response,
+                     exchange: Exchange | None) -> web.StreamResponse:
+        out = web.StreamResponse(status=response.status)
+        content_length = None
+        for name, value in response.headers:
+            if name == "content-length":
+                content_length = value
+            else:
+                out.headers.add(name, value)
+        body = response.body
+        try:
+            if isinstance(body, bytes):
+                out.content_length = len(body)
+                await out.prepare(request)
+                await out.write(body)
+                sent = len(body)
+            else:
+                if content_length is not None and content_length.isdigit():
+                    out.content_length = int(content_length)
+                await out.prepare(request)
+                sent = 0
+                async for chunk in body:
+                    sent += len(chunk)
+                    await out.write(chunk)
+            await out.write_eof()
+        except GatewayError as error:
+            # Headers are gone already; all that is left is to cut the connection so the client sees a broken
+            # response rather than a truncated one that looks whole.
+            log.warning("response aborted: %s", error.detail or error.public_message)
+            if exchange is not None:
+                exchange.error = error
+            if request.transport is not None:
+                request.transport.close()
+            sent = 0
+        except (ConnectionResetError, HTTPException):
+            sent = 0
+        finally:
+            if not isinstance(body, bytes):
+                await body.aclose()  # type: ignore[attr-defined]
+        if exchange is not None:
+            exchange.status = response.status
+            exchange.bytes_out = sent
+            exchange.span.set("http.response.status_code", response.status)
+            exchange.span.end()
+            for hook in self.on_complete:
+                try:
+                    hook(exchange)
+                except Exception:  # a broken log sink must not break requests
+                    log.exception("completion hook failed")
+        return out
+
+
+def internal_error(exc: BaseException, request_id: str) -> Response:
+    log.error("unexpected error handling request %s", request_id, exc_info=exc)
+    return error_response(as_gateway_error(exc), request_id)

@@ -1,0 +1,1 @@
+"""Upstream adapters: how the gateway talks to the services behind it."""

@@ -1,0 +1,157 @@
+"""HTTP/1.1 forwarder over aiohttp: keep-alive pools, mTLS with the gateway's SVID, SPIFFE ID checked per connection.
+
+Pools are keyed by aiohttp on (host, port, SSLContext); we hand it one context per (expected SPIFFE ID,
+credentials version), so a connection verified for one identity is never reused for another, and a rotated
+SVID starts new connections while old ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict
+from yarl import URL
+
+from mesh_gateway.errors import (
+    GatewayError,
+    PayloadTooLarge,
+    UpstreamIdentityMismatch,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from mesh_gateway.identity.tls import UpstreamContext, client_context, verify_peer
+from mesh_gateway.model import Credentials, Endpoint, Response, Route, SpiffeId
+from mesh_gateway.pipeline import Exchange, UpstreamRequest
+from mesh_gateway.spiffe import IdentityError
+from mesh_gateway.watch import Watch
+
+log = logging.getLogger("mesh_gateway.upstream")
+
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+CHUNK = 64 * 1024
+
+
+class SpiffeConnector(aiohttp.TCPConnector):
+    """Checks the upstream's SPIFFE ID right after the handshake, before a byte of the request is sent."""
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> ResponseHandler:
+        protocol = await super()._create_connection(req, traces, timeout)
+        context = req.ssl
+        if isinstance(context, UpstreamContext) and context.expected_spiffe_id is not None:
+            transport = protocol.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            try:
+                verify_peer(ssl_object, context.expected_spiffe_id)
+            except IdentityError as exc:
+                protocol.close()
+                raise UpstreamIdentityMismatch(str(exc)) from None
+        return protocol
+
+
+class BodyTooLarge(Exception):
+    """Raised inside the request body stream; unwrapped to PayloadTooLarge by the forwarder."""
+
+
+class HttpForwarder:
+    def __init__(self, credentials: Watch[Credentials], *, pool_size: int = 256, keepalive_s: float = 30.0) -> None:
+        self._credentials = credentials
+        self._contexts: dict[tuple[SpiffeId | None, int], UpstreamContext] = {}
+        self._pool_size = pool_size
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = SpiffeConnector(limit=0, limit_per_host=self._pool_size,
+                                        keepalive_timeout=self._keepalive_s, enable_cleanup_closed=False)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  skip_auto_headers=_SKIP_AUTO_HEADERS,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _context(self, endpoint: Endpoint) -> UpstreamContext | bool:
+        if endpoint.tls == "plain":
+            return False
+        version = self._credentials.version
+        key = (endpoint.spiffe_id, version)
+        context = self._contexts.get(key)
+        if context is None:
+            creds = self._credentials.get()
+            if len(self._contexts) > 1024 or any(v != version for _, v in self._contexts):
+                self._contexts = {k: c for k, c in self._contexts.items() if k[1] == version}
+            context = client_context(creds if endpoint.tls == "mtls" else None, creds.bundle_pem,
+                                     expected=endpoint.spiffe_id)
+            self._contexts[key] = context
+        return context
+
+    async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
+                      exchange: Exchange) -> Response:
+        ssl_context = self._context(endpoint)
+        scheme = "http" if ssl_context is False else "https"
+        url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{request.target}", encoded=True)
+        headers = CIMultiDict(request.headers)
+        headers["Host"] = request.host
+        if exchange.info.content_length is not None:
+            headers["Content-Length"] = str(exchange.info.content_length)
+        policy = route.policy
+        timeout = aiohttp.ClientTimeout(total=None, connect=policy.connect_timeout_s,
+                                        sock_read=policy.idle_timeout_s)
+        session = self._session_for_loop()
+        try:
+            async with asyncio.timeout(policy.timeout_s):
+                upstream = await session.request(
+                    request.method, url, headers=headers, data=request.body, ssl=ssl_context,
+                    allow_redirects=False, timeout=timeout, compress=None, chunked=None,
+                )
+        except GatewayError:
+            raise
+        except BodyTooLarge:
+            raise PayloadTooLarge("request body over the cap") from None
+        except TimeoutError:
+            raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        except aiohttp.ClientError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, GatewayError):
+                raise cause from None
+            raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            raise UpstreamUnavailable(f"{endpoint.key}: {exc}") from None
+        response_headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in upstream.raw_headers]
+        return Response(upstream.status, response_headers, _stream(upstream), endpoint.key)
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, GatewayError | BodyTooLarge):
+            return PayloadTooLarge("request body over the cap") if isinstance(seen, BodyTooLarge) else seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+async def _stream(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    complete = False
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            yield chunk
+        complete = True
+    except TimeoutError:
+        raise UpstreamTimeout("upstream went idle mid-body") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream broke the response body: {exc}") from None
+    finally:
+        # A half-read response leaves the connection mid-message: it must not go back to the pool.
+        if complete:
+            upstream.release()
+        else:
+            upstream.close()

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mesh_gateway.demo.upstream import RunningUpstream, start_upstream
+from mesh_gateway.identity.ca import CertificateAuthority, init_ca
+from tests.support import CLIENT_ID, WEB_ID, issue
+
+os.environ.setdefault("RUST_BACKTRACE", "0")
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    return tmp_path / "ca"
+
+
+@pytest.fixture
+def ca(ca_dir: Path) -> CertificateAuthority:
+    return init_ca(ca_dir, "mesh.local")
+
+
+@pytest.fixture
+async def web_upstream(ca: CertificateAuthority) -> AsyncIterator[RunningUpstream]:
+    """An mTLS echo service with identity spiffe://mesh.local/ns/default/sa/web that requires client certs."""
+    upstream = await start_upstream("web", issue(ca, WEB_ID))
+    yield upstream
+    await upstream.close()
+
+
+@pytest.fixture
+def client_creds(ca: CertificateAuthority):  # type: ignore[no-untyped-def]
+    return issue(ca, CLIENT_ID)
