@@ -50,8 +50,12 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
 
 
 class Gateway:
-    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None) -> None:
+    def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
+                 reuse_port: bool = False, serve_admin: bool = True) -> None:
         self.config = config
+        # Set by workers.py: every worker binds the listeners with SO_REUSEPORT; only one serves the admin port.
+        self._reuse_port = reuse_port
+        self._serve_admin = serve_admin
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
         try:
             self.ca = load_ca(config.identity.ca_dir)
@@ -106,18 +110,19 @@ class Gateway:
             server_tls = self._server_tls(listener.tls) if listener.tls else None
             runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
             await runner.setup()
-            sock = bind(listener.address)
+            sock = bind(listener.address, reuse_port=self._reuse_port)
             site = web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
             await site.start()
             self._runners.append(runner)
             self.edges.append(edge)
             self.addresses[listener.name] = sock.getsockname()[:2]
-        admin_runner = web.AppRunner(self.admin.app, access_log=None, shutdown_timeout=1.0)
-        await admin_runner.setup()
-        admin_sock = bind(self.config.admin.address)
-        await web.SockSite(admin_runner, admin_sock).start()
-        self._runners.append(admin_runner)
-        self.addresses["admin"] = admin_sock.getsockname()[:2]
+        if self._serve_admin:
+            admin_runner = web.AppRunner(self.admin.app, access_log=None, shutdown_timeout=1.0)
+            await admin_runner.setup()
+            admin_sock = bind(self.config.admin.address)
+            await web.SockSite(admin_runner, admin_sock).start()
+            self._runners.append(admin_runner)
+            self.addresses["admin"] = admin_sock.getsockname()[:2]
         self._started = True
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -163,12 +168,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(config: cfg.GatewayConfig) -> int:
+def serve(config: cfg.GatewayConfig, *, reuse_port: bool = False, serve_admin: bool = True) -> int:
     configure_logging()
 
     async def main() -> int:
         try:
-            gateway = Gateway(config)
+            gateway = Gateway(config, reuse_port=reuse_port, serve_admin=serve_admin)
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

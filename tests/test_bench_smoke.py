@@ -45,7 +45,7 @@ def test_smoke_run_prints_a_table_for_all_three_targets_and_cleans_up() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
     assert proc.returncode == 0, err
-    rows = [line for line in out.splitlines() if line.startswith("| TLS edge + mTLS upstream |")]
+    rows = [line for line in out.splitlines() if line.startswith("| TLS+mTLS |")]
     targets = [row.split("|")[2].strip() for row in rows]
     assert targets[:3] == ["direct", "nginx", "gateway"]
     for row in rows[:3]:
