@@ -22,6 +22,7 @@ from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Pipeline
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.upstream.h1 import H1Forwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.watch import Watch
 
@@ -65,8 +66,9 @@ class Gateway:
         self.credentials: Watch[Credentials] = Watch(first)
         self.catalog: Watch[Catalog] = Watch(catalog_from_config(config.catalog))
         self.routes: Watch[CompiledRoutes] = Watch(compile_routes(routes_from_config(config)))
-        self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
-                                       keepalive_s=config.upstream.keepalive_s)
+        client = H1Forwarder if config.upstream.client == "h1" else HttpForwarder
+        self.forwarder: H1Forwarder | HttpForwarder = client(
+            self.credentials, pool_size=config.upstream.pool_size, keepalive_s=config.upstream.keepalive_s)
         if authorizer is None:
             log.warning("authorization is off: every routed request is allowed")
         self.pipeline = Pipeline(routes=self.routes, catalog=self.catalog, authorizer=authorizer or AllowAll(),
