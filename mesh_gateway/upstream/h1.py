@@ -145,6 +145,9 @@ class _Conn(asyncio.Protocol):
 
     # used by the forwarder
     async def write(self, data: bytes) -> None:
+        if self.head.done():  # already answered (e.g. an early 413 to an upload): the rest is not wanted
+            self.reusable = False
+            return
         if self.closed:
             raise _StaleConnection() if not self.got_bytes else UpstreamUnavailable("upstream connection closed")
         self.transport.write(data)
@@ -358,12 +361,11 @@ class _BodyStream:
 async def _send_body(conn: _Conn, body: AsyncIterator[bytes], *, chunked: bool) -> None:
     try:
         async for chunk in body:
-            if not chunk:
-                continue
-            await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             if conn.head.done():  # the upstream answered before taking the whole body: stop sending it
                 conn.reusable = False
                 return
+            if chunk:
+                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
     except BodyTooLarge:
         raise PayloadTooLarge("request body over the cap") from None
     if chunked:
