@@ -23,6 +23,7 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff check mesh_gateway tests bench
 	$(VENV)/bin/mypy --strict mesh_gateway
 	$(VENV)/bin/lint-imports
+	$(PY) -m mesh_gateway policy test policies
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## make bench: direct vs nginx vs gateway on the same TLS → mTLS job (installs wrk and nginx with apt-get if missing)

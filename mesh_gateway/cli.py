@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mesh_gateway.commands import ca, check, demo, run
+from mesh_gateway.commands import ca, check, demo, policy, run
 
-COMMAND_MODULES = (run, check, ca, demo)
+COMMAND_MODULES = (run, check, ca, demo, policy)
 
 EXIT_USAGE = 2
 

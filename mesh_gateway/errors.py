@@ -61,6 +61,11 @@ class UpstreamUnavailable(GatewayError):
     status, grpc_code, public_message = 502, "UNAVAILABLE", "upstream unavailable"
 
 
+class UpstreamConnectFailed(UpstreamUnavailable):
+    """No connection could be made (refused, unreachable, handshake failed): not a byte of the request was sent,
+    so any request may be retried on another endpoint."""
+
+
 class UpstreamIdentityMismatch(GatewayError):
     status, grpc_code, public_message = 502, "UNAVAILABLE", "upstream identity rejected"
 

@@ -69,7 +69,13 @@ class Endpoint:
 
     @property
     def key(self) -> str:
-        return f"{self.address}:{self.port}"
+        return self.authority
+
+    @property
+    def authority(self) -> str:
+        """host:port as it goes in a URL; IPv6 literals in brackets."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,9 @@ class RoutePolicy:
     idle_timeout_s: float = 60.0
     max_body_bytes: int = 10 * 1024 * 1024
     retries: int = 1
+    per_try_timeout_s: float | None = None
+    upstream_security: TlsMode = "mtls"
+    load_balancing: Literal["round_robin", "least_request"] | None = None
     authz_enabled: bool = True
     authz_failure_mode_allow: bool = False
     authz_dry_run: bool = False
@@ -179,6 +188,14 @@ class RequestInfo:
 
 
 Body = AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyPrefix:
+    """The first bytes of a request body, buffered for a policy that reads it (`input.parsed_body`)."""
+
+    data: bytes
+    truncated: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,6 +14,7 @@ from mesh_gateway.errors import Forbidden, GatewayError
 from mesh_gateway.model import (
     ALLOW_UNCHECKED,
     Body,
+    BodyPrefix,
     Catalog,
     Decision,
     Endpoint,
@@ -105,8 +106,11 @@ class UpstreamRequest:
 
 
 class Authorizer(Protocol):
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
-        """Return the decision; raise a GatewayError (e.g. AuthzUnavailable) when no decision could be made."""
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
+        """Return the decision; raise a GatewayError (e.g. AuthzUnavailable) when no decision could be made.
+
+        `body` is given only for routes with `authz_include_body_bytes` set."""
         ...
 
 
@@ -130,8 +134,37 @@ class RoundRobinPicker:
 class AllowAll:
     """Used only when no authorizer is configured; app.py logs that authorization is off."""
 
-    async def check(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
+                    body: BodyPrefix | None = None) -> Decision:
         return ALLOW_UNCHECKED
+
+
+async def buffer_prefix(body: Body | None, limit: int) -> tuple[BodyPrefix, Body | None]:
+    """Read up to `limit` bytes of the body for the policy; the returned stream replays them, then the rest."""
+    if body is None:
+        return BodyPrefix(b"", truncated=False), None
+    iterator = body.__aiter__()
+    chunks: list[bytes] = []
+    size = 0
+    ended = False
+    while size <= limit:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            ended = True
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
+
+    async def replay() -> AsyncIterator[bytes]:
+        if data:
+            yield data
+        if not ended:
+            async for rest in iterator:
+                yield rest
+
+    return BodyPrefix(data[:limit], truncated=not ended), replay()
 
 
 def error_response(error: GatewayError, request_id: str) -> Response:
@@ -164,18 +197,20 @@ class Pipeline:
         """Never raises a GatewayError: it becomes the response, recorded on the exchange and span."""
         info = exchange.info
         try:
-            route = exchange.route = self._routes.get().match(info)
-            exchange.span.rename(f"{info.method} {route.name}")
-            exchange.span.set("http.route", route.name)
-            decision = exchange.decision = await self._authorize(info, route, exchange)
+            route = self.route(exchange)
+            if route.policy.authz_enabled and route.policy.authz_include_body_bytes:
+                prefix, body = await buffer_prefix(body, route.policy.authz_include_body_bytes)
+            else:
+                prefix = None
+            decision = await self.admit(exchange, prefix)
             if not decision.allowed:
                 return denied_response(decision, info.request_id)
-            endpoint = exchange.endpoint = self._picker.pick(route, self._catalog.get(), exchange)
+            endpoint = exchange.endpoint
+            assert endpoint is not None  # set by admit() on allow
             request = UpstreamRequest(
                 method=info.method,
                 target=info.target,
-                headers=hdrs.upstream_request_headers(info, self._gateway_id(), add=decision.headers,
-                                                      remove=decision.request_headers_to_remove),
+                headers=self.upstream_headers(exchange),
                 body=body,
                 host=info.host,
             )
@@ -188,12 +223,41 @@ class Pipeline:
             exchange.span.fail(error)
             return error_response(error, info.request_id)
 
-    async def _authorize(self, info: RequestInfo, route: Route, exchange: Exchange) -> Decision:
+    def route(self, exchange: Exchange) -> Route:
+        """Match the request to a route (NotFound otherwise) and name the span after it."""
+        info = exchange.info
+        route = exchange.route = self._routes.get().match(info)
+        exchange.span.rename(f"{info.method} {route.name}")
+        exchange.span.set("http.route", route.name)
+        return route
+
+    async def admit(self, exchange: Exchange, prefix: BodyPrefix | None = None) -> Decision:
+        """Route (unless already routed) and authorize; on allow also pick the endpoint. Raises GatewayError.
+
+        Shared by every edge: HTTP requests continue in handle(); gRPC calls and WebSocket sessions, which are
+        not request/response shaped, take the admitted route and endpoint to their own forwarders.
+        """
+        route = exchange.route or self.route(exchange)
+        decision = exchange.decision = await self._authorize(exchange.info, route, exchange, prefix)
+        if decision.allowed:
+            exchange.endpoint = self._picker.pick(route, self._catalog.get(), exchange)
+        return decision
+
+    def upstream_headers(self, exchange: Exchange) -> list[tuple[str, str]]:
+        """Headers (or gRPC metadata) for the upstream, after the admitted decision's additions and removals."""
+        decision = exchange.decision
+        return hdrs.upstream_request_headers(exchange.info, self._gateway_id(),
+                                             add=decision.headers if decision else (),
+                                             remove=decision.request_headers_to_remove if decision else ())
+
+    async def _authorize(self, info: RequestInfo, route: Route, exchange: Exchange,
+                         prefix: BodyPrefix | None) -> Decision:
         if not route.policy.authz_enabled:
             return ALLOW_UNCHECKED
         span = self.tracer.child(exchange.span, "authz")
         try:
-            decision = await self._authorizer.check(info, route, exchange)
+            decision = await (self._authorizer.check(info, route, exchange, prefix) if prefix is not None
+                              else self._authorizer.check(info, route, exchange))
             span.set("mesh.authz.allowed", decision.allowed)
             span.set("mesh.authz.decision_id", decision.decision_id)
             span.set("mesh.authz.policy_revision", decision.policy_revision)

@@ -97,3 +97,22 @@ async def test_upstream_down_is_502_quickly(ca, ca_dir, client_creds):
         async with asyncio.timeout(5):
             async with client.get(url(gw, "/"), ssl=client_ssl(ca.bundle_pem, client_creds)) as resp:
                 assert resp.status == 502
+
+
+async def test_ipv6_upstream_endpoint(ca, ca_dir, client_creds):
+    import socket as _socket
+
+    if not _socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        upstream = await start_upstream("web6", issue(ca, WEB_ID), host="::1")
+    except OSError as exc:
+        pytest.skip(f"cannot listen on ::1: {exc}")
+    try:
+        config = gateway_config(ca_dir, {"web": [{"address": "::1", "port": upstream.port, "spiffe_id": WEB_ID}]})
+        async with running(config) as gw, aiohttp.ClientSession() as client:
+            async with client.get(url(gw, "/six"), ssl=client_ssl(ca.bundle_pem, client_creds)) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["service"] == "web6"
+    finally:
+        await upstream.close()

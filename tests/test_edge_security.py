@@ -193,3 +193,29 @@ async def test_client_slow_to_send_its_request_head_is_disconnected(ca, ca_dir, 
         data = await asyncio.wait_for(reader.read(), 10)  # returns once the gateway closes the connection
         writer.close()
     assert b"200" not in data
+
+
+@pytest.mark.parametrize(("sent", "forwarded"), [
+    ("/api/%2e%2e/admin?q=1", "/admin?q=1"),
+    ("//admin", "/admin"),
+    ("/a/./b/../c;x=1", "/a/c"),
+    ("/%61pi/v1/", "/api/v1/"),
+])
+async def test_upstream_receives_the_path_that_was_routed_and_authorized(ca, ca_dir, web_upstream, client_creds,
+                                                                         sent, forwarded):
+    config = gateway_config(ca_dir, web_catalog(web_upstream))
+    async with running(config) as gw:
+        raw = await _raw_request(gw, client_ssl(ca.bundle_pem, client_creds),
+                                 f"GET {sent} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    assert raw.split(b" ", 2)[1] == b"200"
+    assert f'"path": "{forwarded}"'.encode() in raw
+
+
+@pytest.mark.parametrize("sent", ["/api/..%2fadmin", "/a%5cb", "/bad%zz", "/nul%00"])
+async def test_ambiguous_paths_are_refused_with_400(ca, ca_dir, web_upstream, client_creds, sent):
+    config = gateway_config(ca_dir, web_catalog(web_upstream))
+    async with running(config) as gw:
+        raw = await _raw_request(gw, client_ssl(ca.bundle_pem, client_creds),
+                                 f"GET {sent} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    assert raw.split(b" ", 2)[1] == b"400"
+    assert b"ambiguous request path" in raw

@@ -1,8 +1,10 @@
-"""`mesh-gateway ca init|issue`: the internal CA from the command line."""
+"""`mesh-gateway ca init|issue|serve|token|rotate|maintain|bundle`: the internal CA from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,44 @@ def register(sub: Any) -> None:
     issue.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 24h")
     issue.add_argument("--out", type=Path, required=True, help="writes OUT.pem (leaf + intermediate) and OUT.key")
     issue.set_defaults(handler=handle_issue)
+
+    serve = ca_sub.add_parser("serve", help="run the gRPC CSR issuance API (docs/identity.md)")
+    serve.add_argument("--dir", type=Path, default=Path("certs"))
+    serve.add_argument("--listen", default="127.0.0.1:8501", help="mTLS listener (renewals, bundle)")
+    serve.add_argument("--bootstrap-listen", default="127.0.0.1:8502",
+                       help="TLS listener for join-token bootstrap; 'off' disables it")
+    serve.add_argument("--dns", action="append", default=None,
+                       help="DNS SAN of the server's own certificate (repeatable; default localhost)")
+    serve.add_argument("--max-ttl", default="24h", help="longest leaf TTL a caller may request")
+    serve.add_argument("--default-ttl", default="1h", help="TTL when the caller asks for 0")
+    serve.add_argument("--allow-dns", action="append", default=[],
+                       help="DNS SAN pattern callers may include, e.g. '*.svc.example.org' (repeatable)")
+    serve.add_argument("--sign-per-minute", type=float, default=10.0, help="signing rate per identity")
+    serve.add_argument("--sign-burst", type=int, default=5)
+    serve.set_defaults(handler=handle_serve)
+
+    token = ca_sub.add_parser("token", help="one-time join tokens for bootstrapping workloads")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="TOKEN_COMMAND")
+    create = token_sub.add_parser("create", help="create a token bound to one SPIFFE ID; prints it once")
+    create.add_argument("--dir", type=Path, default=Path("certs"))
+    create.add_argument("--spiffe-id", required=True)
+    create.add_argument("--ttl", default="15m", help="how long the token may be used, e.g. 15m")
+    create.set_defaults(handler=handle_token_create)
+
+    rotate = ca_sub.add_parser("rotate", help="new intermediate (and with --root a new cross-signed root)")
+    rotate.add_argument("--dir", type=Path, default=Path("certs"))
+    rotate.add_argument("--root", action="store_true", help="also roll the root key (cross-signed by the old)")
+    rotate.add_argument("--max-leaf-ttl", default="24h",
+                        help="longest leaf TTL in use; the old root is pruned after twice this")
+    rotate.set_defaults(handler=handle_rotate)
+
+    maintain = ca_sub.add_parser("maintain", help="renew the intermediate when due and prune retired roots")
+    maintain.add_argument("--dir", type=Path, default=Path("certs"))
+    maintain.set_defaults(handler=handle_maintain)
+
+    bundle = ca_sub.add_parser("bundle", help="print the trust bundle (PEM) and a summary of its roots")
+    bundle.add_argument("--dir", type=Path, default=Path("certs"))
+    bundle.set_defaults(handler=handle_bundle)
 
 
 def fail(message: str) -> int:
@@ -59,6 +99,113 @@ def handle_issue(args: argparse.Namespace) -> int:
         return fail(str(exc))
     prefix: Path = args.out
     write_atomic(prefix.with_name(prefix.name + ".key"), key_pem(key), private=True)
-    write_atomic(prefix.with_name(prefix.name + ".pem"), cert_pem(leaf) + cert_pem(ca.intermediate))
+    write_atomic(prefix.with_name(prefix.name + ".pem"), cert_pem(leaf) + b"".join(cert_pem(c) for c in ca.chain))
     print(f"issued {spiffe_id} serial {leaf.serial_number:x} until {leaf.not_valid_after_utc.isoformat()}")
+    return 0
+
+
+def _duration(text: str, what: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"{what} must be positive")
+    return value
+
+
+def handle_serve(args: argparse.Namespace) -> int:
+    from mesh_gateway.identity.issuer_api import IssuerServer, IssuerSettings
+    from mesh_gateway.identity.local_issuer import LocalIssuer
+
+    try:
+        bootstrap = None if args.bootstrap_listen == "off" else args.bootstrap_listen
+        settings = IssuerSettings(
+            address=args.listen, bootstrap_address=bootstrap, dns=tuple(args.dns or ("localhost",)),
+            max_ttl_s=_duration(args.max_ttl, "--max-ttl"), default_ttl_s=_duration(args.default_ttl, "--default-ttl"),
+            allowed_dns=tuple(args.allow_dns), sign_per_minute=args.sign_per_minute, sign_burst=args.sign_burst)
+        if settings.default_ttl_s > settings.max_ttl_s:
+            raise ValueError("--default-ttl must not exceed --max-ttl")
+        load_ca(args.dir)
+    except (CAError, ValueError) as exc:
+        return fail(str(exc))
+
+    async def main() -> None:
+        server = IssuerServer(LocalIssuer(args.dir), settings)
+        await server.start()
+        host = args.listen.rpartition(":")[0]
+        print(f"issuer API on {host}:{server.port} (mTLS)"
+              + (f", bootstrap on {bootstrap.rpartition(':')[0]}:{server.bootstrap_port}" if bootstrap else ""),
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.ensure_future(server.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            await server.stop(grace_s=5.0)
+            waiter.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def handle_token_create(args: argparse.Namespace) -> int:
+    from mesh_gateway.identity.join_tokens import JoinTokenStore
+
+    try:
+        spiffe_id = SpiffeId.parse(args.spiffe_id)
+        ca = load_ca(args.dir)
+        if not spiffe_id.member_of(ca.trust_domain) or not spiffe_id.path:
+            raise ValueError(f"{spiffe_id} is not a workload ID in trust domain {ca.trust_domain}")
+        token = JoinTokenStore(args.dir).create(spiffe_id, _duration(args.ttl, "--ttl"))
+    except (CAError, ValueError, OSError) as exc:
+        return fail(str(exc))
+    print(token)
+    return 0
+
+
+def handle_rotate(args: argparse.Namespace) -> int:
+    from mesh_gateway.identity.ca_rotation import read_retired, rotate_intermediate, rotate_root
+
+    try:
+        if args.root:
+            ca = rotate_root(args.dir, _duration(args.max_leaf_ttl, "--max-leaf-ttl"))
+            [*_, retired] = read_retired(args.dir)
+            print(f"new root and intermediate issued; bundle holds {len(ca.roots)} roots; "
+                  f"old root retired, pruned after {retired.prune_after.isoformat(timespec='seconds')}")
+        else:
+            ca = rotate_intermediate(args.dir)
+            print(f"new intermediate serial {ca.intermediate.serial_number:x} "
+                  f"until {ca.intermediate.not_valid_after_utc.isoformat(timespec='seconds')}")
+    except (CAError, ValueError, OSError) as exc:
+        return fail(str(exc))
+    return 0
+
+
+def handle_maintain(args: argparse.Namespace) -> int:
+    from mesh_gateway.identity.ca_rotation import maintain
+
+    try:
+        done = maintain(args.dir)
+    except (CAError, OSError) as exc:
+        return fail(str(exc))
+    print(f"prepared={done.prepared} activated={done.activated} pruned={len(done.pruned)}")
+    return 0
+
+
+def handle_bundle(args: argparse.Namespace) -> int:
+    try:
+        ca = load_ca(args.dir)
+    except CAError as exc:
+        return fail(str(exc))
+    for root in ca.roots:
+        print(f"# root {root.subject.rfc4514_string()} serial {root.serial_number:x} "
+              f"expires {root.not_valid_after_utc.isoformat(timespec='seconds')}", file=sys.stderr)
+    sys.stdout.write(ca.bundle_pem.decode())
     return 0

@@ -19,6 +19,7 @@ from mesh_gateway.model import SpiffeId
 TRUST_DOMAIN = "mesh.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/demo-client"
 UPSTREAM_ID = f"spiffe://{TRUST_DOMAIN}/ns/default/sa/web"
+DEMO_POLICIES = Path(__file__).resolve().parent.parent / "demo" / "policies"
 log = logging.getLogger("mesh_gateway.demo")
 
 
@@ -29,6 +30,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--listen", default="127.0.0.1:8443", help="gateway TLS listener")
     parser.add_argument("--upstream-port", type=int, default=9001)
     parser.add_argument("--admin", default="127.0.0.1:9901")
+    parser.add_argument("--otlp", metavar="URL", default=None,
+                        help="export traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 (Jaeger); default: off")
     parser.set_defaults(handler=handle)
 
 
@@ -52,7 +55,9 @@ def ensure_client_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def demo_config(directory: Path, listen: str, upstream_port: int, admin: str) -> cfg.GatewayConfig:
+def demo_config(directory: Path, listen: str, upstream_port: int, admin: str,
+                otlp: str | None = None) -> cfg.GatewayConfig:
+    tracing = {"exporter": "otlp_grpc", "endpoint": otlp, "sampling_ratio": 1.0} if otlp else {"exporter": "none"}
     return cfg.parse({
         "trust_domain": TRUST_DOMAIN,
         "listeners": [{"name": "public", "address": listen, "tls": {"client_auth": "optional"}}],
@@ -61,6 +66,8 @@ def demo_config(directory: Path, listen: str, upstream_port: int, admin: str) ->
         "catalog": {"static": {"web": [{"address": "127.0.0.1", "port": upstream_port, "spiffe_id": UPSTREAM_ID}]}},
         "routes": [{"name": "web", "match": {"path_prefix": "/"}, "service": "web", "timeout_s": 15}],
         "admin": {"address": admin},
+        "telemetry": {"service_name": "mesh-gateway", "tracing": tracing},
+        "authz": {"policies": str(DEMO_POLICIES)},
     })
 
 
@@ -77,7 +84,7 @@ def handle(args: argparse.Namespace) -> int:
     except (CAError, OSError) as exc:
         print(f"error: {exc}")
         return 2
-    config = demo_config(directory, args.listen, args.upstream_port, args.admin)
+    config = demo_config(directory, args.listen, args.upstream_port, args.admin, args.otlp)
 
     async def main() -> int:
         upstream = await start_upstream("web", ca.issue_credentials(SpiffeId.parse(UPSTREAM_ID), 24 * 3600,

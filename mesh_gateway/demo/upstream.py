@@ -77,7 +77,7 @@ async def start_upstream(name: str, credentials: Credentials, *, host: str = "12
                              client_ca_pem=credentials.bundle_pem)
     runner = web.AppRunner(make_app(name), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)

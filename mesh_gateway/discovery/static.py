@@ -30,13 +30,23 @@ def route_from_config(route: cfg.Route, limits: cfg.Limits) -> Route:
     else:
         kind, path = "prefix", m.path_prefix or "/"
     match = RouteMatch(host=m.host, path_kind=kind, path=path, methods=frozenset(m.methods),  # type: ignore[arg-type]
-                       headers=tuple(sorted(m.headers.items())))
+                       headers=tuple(sorted(m.headers.items())),
+                       grpc_service=m.grpc.service if m.grpc else None,
+                       grpc_method=m.grpc.method if m.grpc else None)
     policy = RoutePolicy(
         timeout_s=route.timeout_s,
         connect_timeout_s=route.connect_timeout_s,
         idle_timeout_s=route.idle_timeout_s,
         max_body_bytes=route.max_body_bytes if route.max_body_bytes is not None else limits.max_body_bytes,
         retries=route.retries,
+        per_try_timeout_s=route.per_try_timeout_s,
+        upstream_security=route.upstream_security,
+        load_balancing=route.load_balancing,
+        authz_enabled=not route.authz.disabled,
+        authz_failure_mode_allow=route.authz.failure_mode_allow,
+        authz_dry_run=route.authz.dry_run,
+        authz_query=route.authz.query,
+        authz_include_body_bytes=route.authz.include_body_bytes,
     )
     return Route(name=route.name, match=match, service=route.service, policy=policy)
 

@@ -12,13 +12,14 @@ import re
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
 
 from mesh_gateway.config import Limits
 from mesh_gateway.errors import (
+    BadRequest,
     GatewayError,
     HeadersTooLarge,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from mesh_gateway.errors import (
 )
 from mesh_gateway.identity.tls import peer_spiffe_id
 from mesh_gateway.model import PeerCert, RequestInfo, Response
+from mesh_gateway.paths import UnsafePath, normalise_path
 from mesh_gateway.pipeline import Exchange, Pipeline, error_response
 from mesh_gateway.spiffe import IdentityError
 from mesh_gateway.upstream.http import BodyTooLarge
@@ -35,6 +37,12 @@ from mesh_gateway.upstream.http import BodyTooLarge
 log = logging.getLogger("mesh_gateway.edge")
 
 CompletionHook = Callable[[Exchange], None]
+
+
+class WebSocketHandler(Protocol):
+    def wants(self, info: RequestInfo) -> bool: ...
+    async def handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse | Response: ...
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A client's request id is adopted only if it is short and plain: it ends up in logs and upstream headers.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -69,6 +77,20 @@ class HttpEdge:
         self.on_complete: list[CompletionHook] = on_complete if on_complete is not None else []
         # Keyed by the transport, so an entry goes away with its connection.
         self._facts: weakref.WeakKeyDictionary[Any, _ConnectionFacts] = weakref.WeakKeyDictionary()
+        self.websockets: WebSocketHandler | None = None
+        """Set by app.py when WebSocket proxying is enabled (edges/websocket.py)."""
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._pipeline
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
 
     def server(self) -> web.Server:
         limits = self._limits
@@ -78,14 +100,23 @@ class HttpEdge:
                           max_field_size=limits.max_header_bytes * 2, max_headers=limits.max_headers * 2)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request.headers.get("x-request-id", "")
-        if not _REQUEST_ID.fullmatch(request_id):
-            request_id = new_request_id()
+        request_id = adopt_request_id(request.headers.get("x-request-id"))
         try:
             info = self._request_info(request, request_id)
         except GatewayError as error:
-            return await self._write(request, error_response(error, request_id), None)
+            # Refused before the request was fully read (414/431/413/401): still logged, counted and traced.
+            rejected = Exchange(self._rejected_info(request, request_id), error=error)
+            rejected.span = self._pipeline.tracer.ingress(rejected.info)
+            rejected.span.fail(error)
+            return await self._write(request, error_response(error, request_id), rejected)
         exchange = Exchange(info, span=self._pipeline.tracer.ingress(info))
+        if self.websockets is not None and self.websockets.wants(info):
+            # Authorized like any request, and answered with a plain HTTP error before any upgrade if refused.
+            outcome = await self.websockets.handle(request, exchange)
+            if isinstance(outcome, Response):
+                return await self._write(request, outcome, exchange)
+            self.finish(exchange, outcome.status, exchange.bytes_out)
+            return outcome
         body = self._body(request, exchange) if request.body_exists else None
         try:
             response = await self._pipeline.handle(exchange, body)
@@ -110,7 +141,12 @@ class HttpEdge:
             headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
         if size > limits.max_header_bytes:
             raise HeadersTooLarge(f"{size} bytes of headers")
-        path, _, query = raw_path.partition("?")
+        raw, _, query = raw_path.partition("?")
+        try:
+            # One path for routing, policy and upstream: see mesh_gateway/paths.py.
+            path = normalise_path(raw).path
+        except UnsafePath as exc:
+            raise BadRequest(str(exc), public_message="ambiguous request path") from None
         facts = self._connection_facts(request.transport)
         peer, client, local, sni = facts.peer, facts.client, facts.local, facts.sni
         content_length = request.content_length
@@ -151,7 +187,7 @@ class HttpEdge:
         except TypeError:  # a transport without weakref support: work it out per request
             key, facts = None, None
         if facts is None:
-            peer = self._peer(transport)  # an Unauthenticated error is not cached: the request fails
+            peer = transport_peer(transport)  # an Unauthenticated error is not cached: the request fails
             client = transport.get_extra_info("peername")
             local = transport.get_extra_info("sockname")
             facts = _ConnectionFacts(peer, client[:2] if client else None, local[:2] if local else None,
@@ -160,19 +196,17 @@ class HttpEdge:
                 self._facts[key] = facts
         return facts
 
-    @staticmethod
-    def _peer(transport: Any) -> PeerCert | None:
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        if ssl_object is None:
-            return None
-        try:
-            spiffe_id = peer_spiffe_id(ssl_object)
-        except IdentityError as exc:
-            raise Unauthenticated(str(exc), public_message="client certificate must carry exactly one SPIFFE ID"
-                                  ) from None
-        if spiffe_id is None:
-            return None
-        return PeerCert(spiffe_id, ssl_object.getpeercert(binary_form=True))
+    def _rejected_info(self, request: web.BaseRequest, request_id: str) -> RequestInfo:
+        """What may safely be kept of a request that broke a limit: no headers, a bounded path, no query."""
+        transport = request.transport
+        client = transport.get_extra_info("peername") if transport else None
+        return RequestInfo(
+            method=request.method[:16], path=request.raw_path.partition("?")[0][:256], query="",
+            host=request.headers.get("host", "")[:256], scheme=self._scheme, headers=(),
+            client_address=client[0] if client else "", client_port=client[1] if client else 0,
+            request_id=request_id, protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            listener=self.name)
+
 
     async def _body(self, request: web.BaseRequest, exchange: Exchange) -> AsyncIterator[bytes]:
         if request.headers.get("expect", "").lower() == "100-continue" and request.writer is not None:
@@ -226,16 +260,39 @@ class HttpEdge:
             if not isinstance(body, bytes):
                 await body.aclose()  # type: ignore[attr-defined]
         if exchange is not None:
-            exchange.status = response.status
-            exchange.bytes_out = sent
-            exchange.span.set("http.response.status_code", response.status)
-            exchange.span.end()
-            for hook in self.on_complete:
-                try:
-                    hook(exchange)
-                except Exception:  # a broken log sink must not break requests
-                    log.exception("completion hook failed")
+            self.finish(exchange, response.status, sent)
         return out
+
+    def finish(self, exchange: Exchange, status: int, sent: int) -> None:
+        """Close the books on one exchange (any edge sharing this listener: HTTP/1.1, HTTP/2, WebSocket)."""
+        exchange.status = status
+        exchange.bytes_out = sent
+        exchange.span.set("http.response.status_code", status)
+        exchange.span.end()
+        for hook in self.on_complete:
+            try:
+                hook(exchange)
+            except Exception:  # a broken log sink must not break requests
+                log.exception("completion hook failed")
+
+
+def adopt_request_id(value: str | None) -> str:
+    return value if value and _REQUEST_ID.fullmatch(value) else new_request_id()
+
+
+def transport_peer(transport: Any) -> PeerCert | None:
+    """The client's SPIFFE ID from the TLS transport; Unauthenticated for a certificate without exactly one."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is None:
+        return None
+    try:
+        spiffe_id = peer_spiffe_id(ssl_object)
+    except IdentityError as exc:
+        raise Unauthenticated(str(exc), public_message="client certificate must carry exactly one SPIFFE ID"
+                              ) from None
+    if spiffe_id is None:
+        return None
+    return PeerCert(spiffe_id, ssl_object.getpeercert(binary_form=True))
 
 
 def internal_error(exc: BaseException, request_id: str) -> Response:

@@ -4,7 +4,9 @@ Layout of a CA directory:
   root.pem / root.key                 self-signed root (EC P-256, 10 years)
   intermediate.pem / intermediate.key issuing CA (1 year, path length 0, URI names limited to the trust domain)
   bundle.pem                          the trust bundle (roots) peers verify against
-Keys are written 0600.
+  cross.pem                           (after `ca rotate --root`) the new root cross-signed by the old one, sent
+                                      after the intermediate so peers that only know the old root still verify
+Keys are written 0600. Rotation and pruning live in identity/ca_rotation.py.
 """
 
 from __future__ import annotations
@@ -130,6 +132,12 @@ class CertificateAuthority:
     intermediate_key: ec.EllipticCurvePrivateKey = field(repr=False)
     roots: tuple[x509.Certificate, ...]
     directory: Path | None = None
+    cross: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """What follows a leaf on the wire: the intermediate, then any cross-signed root."""
+        return (self.intermediate, *self.cross)
 
     @property
     def bundle_pem(self) -> bytes:
@@ -182,7 +190,7 @@ class CertificateAuthority:
                 self.intermediate_key.public_key()), critical=False)
             .sign(self.intermediate_key, hashes.SHA256())
         )
-        validate_leaf(leaf, [self.intermediate], self.roots, spiffe_id, now=now)
+        validate_leaf(leaf, self.chain, self.roots, spiffe_id, now=now)
         return leaf
 
     def issue_credentials(self, spiffe_id: SpiffeId, ttl_s: float, dns: Sequence[str] = (),
@@ -191,7 +199,7 @@ class CertificateAuthority:
         leaf = self.issue(key.public_key(), spiffe_id, ttl_s, dns, now=now)
         return Credentials(
             spiffe_id=spiffe_id,
-            cert_chain_pem=cert_pem(leaf) + cert_pem(self.intermediate),
+            cert_chain_pem=cert_pem(leaf) + b"".join(cert_pem(c) for c in self.chain),
             key_pem=key_pem(key),
             bundle_pem=self.bundle_pem,
             serial=leaf.serial_number,
@@ -290,6 +298,8 @@ def load_ca(directory: Path) -> CertificateAuthority:
         intermediate = _read_cert(directory / "intermediate.pem")
         key = _read_key(directory / "intermediate.key")
         roots = tuple(x509.load_pem_x509_certificates((directory / "bundle.pem").read_bytes()))
+        cross_path = directory / "cross.pem"
+        cross = tuple(x509.load_pem_x509_certificates(cross_path.read_bytes())) if cross_path.exists() else ()
     except (ValueError, OSError) as exc:
         raise CAError(f"{directory}: cannot load CA: {exc}") from None
-    return CertificateAuthority(trust_domain_of(intermediate), intermediate, key, roots, directory)
+    return CertificateAuthority(trust_domain_of(intermediate), intermediate, key, roots, directory, cross)

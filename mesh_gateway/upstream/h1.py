@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
-
-import httptools
 
 from mesh_gateway.errors import (
     BadRequest,
-    PayloadTooLarge,
+    UpstreamConnectFailed,
     UpstreamIdentityMismatch,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -30,159 +27,15 @@ from mesh_gateway.identity.tls import UpstreamContext, client_context, verify_pe
 from mesh_gateway.model import Credentials, Endpoint, Response, Route, SpiffeId
 from mesh_gateway.pipeline import Exchange, UpstreamRequest
 from mesh_gateway.spiffe import IdentityError
-from mesh_gateway.upstream.http import BodyTooLarge
+from mesh_gateway.upstream.h1_connection import HIGH_WATER, StaleConnection, UpstreamConnection
 from mesh_gateway.watch import Watch
 
-_HIGH_WATER = 256 * 1024  # buffered response bytes before reading from the upstream pauses
-_MAX_HEAD_BYTES = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class _StaleConnection(Exception):
-    """A reused connection died before any response byte: safe to retry a replayable request."""
-
-
-class _Conn(asyncio.Protocol):
-    """One upstream connection; carries one exchange at a time."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: Any = None  # uvloop's SSL transport is not an asyncio.Transport subclass
-        self.parser = httptools.HttpResponseParser(self)
-        self.reusable = True
-        self.closed = False
-        self.idle_since = 0.0
-        self._reset()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-
-    def _reset(self) -> None:
-        self.head: asyncio.Future[None] = self.loop.create_future()
-        self.status = 0
-        self.headers: list[tuple[str, str]] = []
-        self.head_bytes = 0
-        self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.complete = False
-        self.error: Exception | None = None
-        self.got_bytes = False
-        self.active = False
-        self._wakeup: asyncio.Future[None] | None = None
-
-    def begin(self) -> None:
-        self._reset()
-        self.active = True
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.reusable = False
-        self._can_write.set()
-        if self.active and not self.complete:  # an idle pooled connection closing is not an error
-            self._fail(_StaleConnection() if not self.got_bytes else
-                       UpstreamUnavailable("upstream closed the connection mid-response"))
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
-
-    def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamUnavailable("upstream switched protocols, which is not supported"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamUnavailable(f"malformed response from upstream: {exc}"))
-        if self.buffered > _HIGH_WATER and not self.closed:
-            self.transport.pause_reading()
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > _MAX_HEAD_BYTES:
-            raise UpstreamUnavailable("upstream response head too large")
-        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:  # interim (100 Continue): llhttp completes it as a message of its own
-            self.headers, self.head_bytes = [], 0
-            return
-        self.status = status
-        if not self.parser.should_keep_alive():
-            self.reusable = False
-        if not self.head.done():
-            self.head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self.status == 0:  # end of an interim response
-            return
-        self.complete = True
-        self._wake()
-
-    def _fail(self, error: Exception) -> None:
-        self.reusable = False
-        if self.error is None:
-            self.error = error
-        if not self.head.done():
-            self.head.set_exception(error)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    # used by the forwarder
-    async def write(self, data: bytes) -> None:
-        if self.head.done():  # already answered (e.g. an early 413 to an upload): the rest is not wanted
-            self.reusable = False
-            return
-        if self.closed:
-            raise _StaleConnection() if not self.got_bytes else UpstreamUnavailable("upstream connection closed")
-        self.transport.write(data)
-        if not self._can_write.is_set():
-            await self._can_write.wait()
-
-    async def next_chunk(self, idle_timeout_s: float) -> bytes | None:
-        """The next body chunk, None at the end of the response."""
-        while not self.chunks:
-            if self.complete:
-                return None
-            if self.error is not None:
-                raise self.error
-            self._wakeup = self.loop.create_future()
-            try:
-                async with asyncio.timeout(idle_timeout_s):
-                    await self._wakeup
-            except TimeoutError:
-                raise UpstreamTimeout("upstream went idle mid-body") from None
-        chunk = self.chunks.popleft()
-        self.buffered -= len(chunk)
-        if self.buffered <= _HIGH_WATER // 2 and not self.closed:
-            self.transport.resume_reading()
-        return chunk
-
-    def close(self) -> None:
-        self.reusable = False
-        if not self.closed and self.transport is not None:
-            self.transport.close()
-        self.closed = True
 
 
 class _Pool:
     def __init__(self, size: int) -> None:
-        self.idle: deque[_Conn] = deque()
+        self.idle: deque[UpstreamConnection] = deque()
         self.slots = asyncio.Semaphore(size)
 
 
@@ -215,18 +68,17 @@ class H1Forwarder:
             self._contexts[key] = context
         return context
 
-    async def _connect(self, endpoint: Endpoint, context: UpstreamContext | None, route: Route) -> _Conn:
+    async def _connect(self, endpoint: Endpoint, context: UpstreamContext | None, route: Route) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(route.policy.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Conn(loop), endpoint.address, endpoint.port, ssl=context,
+                    lambda: UpstreamConnection(loop), endpoint.address, endpoint.port, ssl=context,
                     server_hostname=endpoint.address if context is not None else None)
         except TimeoutError:
-            raise UpstreamTimeout(f"connecting to {endpoint.key} took over "
-                                  f"{route.policy.connect_timeout_s}s") from None
-        except OSError as exc:  # ssl.SSLError included
-            raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
+            raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None
+        except OSError as exc:  # refused, unreachable, TLS handshake failed (ssl.SSLError): nothing was sent
+            raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
         if context is not None and context.expected_spiffe_id is not None:
             try:
                 verify_peer(conn.transport.get_extra_info("ssl_object"), context.expected_spiffe_id)
@@ -235,7 +87,7 @@ class H1Forwarder:
                 raise UpstreamIdentityMismatch(str(exc)) from None
         return conn
 
-    def _checkout(self, pool: _Pool) -> _Conn | None:
+    def _checkout(self, pool: _Pool) -> UpstreamConnection | None:
         now = asyncio.get_running_loop().time()
         while pool.idle:
             conn = pool.idle.pop()  # most recently used first: the warmest, least likely to have timed out
@@ -244,8 +96,8 @@ class H1Forwarder:
             conn.close()
         return None
 
-    def _checkin(self, pool: _Pool, conn: _Conn) -> None:
-        if conn.reusable and not conn.closed and not conn.chunks:
+    def _checkin(self, pool: _Pool, conn: UpstreamConnection) -> None:
+        if conn.reusable and not conn.closed and not conn.chunks and (conn.sender is None or conn.sender.done()):
             conn.idle_since = asyncio.get_running_loop().time()
             pool.idle.append(conn)
         else:
@@ -270,6 +122,13 @@ class H1Forwarder:
                     raise
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        if conn.sender is not None:
+            try:
+                await _settle(conn, conn.sender)
+            except BaseException:
+                conn.close()
+                pool.slots.release()
+                raise
         if conn.complete and conn.status not in (204, 304) and request.method != "HEAD":
             # The whole response is here already: hand the edge bytes and skip the streaming machinery.
             body = b"".join(conn.chunks)
@@ -285,16 +144,17 @@ class H1Forwarder:
                         endpoint.key)
 
     async def _exchange(self, pool: _Pool, endpoint: Endpoint, context: UpstreamContext | None, route: Route,
-                        head: bytes, request: UpstreamRequest) -> _Conn:
-        replayable = request.body is None
+                        head: bytes, request: UpstreamRequest) -> UpstreamConnection:
         conn = self._checkout(pool)
+        # Only a reused connection can be stale; a new one that dies is an upstream failure (for the retry policy).
+        retry_if_stale = conn is not None and request.body is None
         if conn is None:
             conn = await self._connect(endpoint, context, route)
         try:
             return await self._send(conn, head, request)
-        except _StaleConnection:
+        except StaleConnection:
             conn.close()
-            if not replayable:
+            if not retry_if_stale:
                 raise UpstreamUnavailable(f"{endpoint.key}: connection closed before the response") from None
         except BaseException:
             conn.close()
@@ -302,24 +162,29 @@ class H1Forwarder:
         conn = await self._connect(endpoint, context, route)
         try:
             return await self._send(conn, head, request)
-        except _StaleConnection:
+        except StaleConnection:
             conn.close()
             raise UpstreamUnavailable(f"{endpoint.key}: connection closed before the response") from None
         except BaseException:
             conn.close()
             raise
 
-    async def _send(self, conn: _Conn, head: bytes, request: UpstreamRequest) -> _Conn:
+    async def _send(self, conn: UpstreamConnection, head: bytes, request: UpstreamRequest) -> UpstreamConnection:
         conn.begin()
-        if request.body is None:
-            await conn.write(head)
-        else:
-            await conn.write(head)
-            await _send_body(conn, request.body, chunked=b"transfer-encoding: chunked" in head)
+        await conn.write(head)
+        if request.body is not None:
+            # The body goes out beside the response coming in, as upstreams may answer (or echo) before the
+            # upload ends; sending it all first would deadlock against a streaming echo under flow control.
+            sender = conn.sender = asyncio.get_running_loop().create_task(
+                _send_body(conn, request.body, chunked=b"transfer-encoding: chunked" in head))
+            sender.add_done_callback(_retrieve)
+            await asyncio.wait((conn.head, sender), return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and not sender.cancelled() and sender.exception() is not None and not conn.head.done():
+                raise sender.exception()  # type: ignore[misc]
         await conn.head
         return conn
 
-    def release(self, pool: _Pool, conn: _Conn) -> None:
+    def release(self, pool: _Pool, conn: UpstreamConnection) -> None:
         # A half-read response leaves the connection mid-message: it must not go back to the pool.
         if not conn.complete:
             conn.close()
@@ -331,7 +196,8 @@ class _BodyStream:
     """The response body as an async iterator whose aclose() always returns the connection, even if the edge never
     started reading (an async generator's cleanup would not run then, leaking the pool slot)."""
 
-    def __init__(self, owner: H1Forwarder | None, held: tuple[_Pool, _Conn] | None, idle_timeout_s: float) -> None:
+    def __init__(self, owner: H1Forwarder | None, held: tuple[_Pool, UpstreamConnection] | None,
+                 idle_timeout_s: float) -> None:
         self._owner = owner
         self._held = held
         self._idle_timeout_s = idle_timeout_s
@@ -358,18 +224,37 @@ class _BodyStream:
             self._owner.release(*held)
 
 
-async def _send_body(conn: _Conn, body: AsyncIterator[bytes], *, chunked: bool) -> None:
+async def _send_body(conn: UpstreamConnection, body: AsyncIterator[bytes], *, chunked: bool) -> None:
     try:
         async for chunk in body:
-            if conn.head.done():  # the upstream answered before taking the whole body: stop sending it
-                conn.reusable = False
-                return
             if chunk:
                 await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-    except BodyTooLarge:
-        raise PayloadTooLarge("request body over the cap") from None
-    if chunked:
-        await conn.write(b"0\r\n\r\n")
+        if chunked:
+            await conn.write(b"0\r\n\r\n")
+    except (StaleConnection, UpstreamUnavailable):
+        if not conn.head.done():
+            raise UpstreamUnavailable("upstream closed the connection while the request body was sent") from None
+        # Already answered (an early 413, say): the rest of the body is simply not wanted.
+    except BaseException:
+        conn.close()  # the body stream failed (over the cap, client gone): the upstream saw a truncated request
+        raise
+
+
+async def _settle(conn: UpstreamConnection, sender: asyncio.Task[None]) -> None:
+    """Hold an early answer until the upload is over, so that a body breaking the cap (or a client vanishing)
+    still gives a clean error rather than a response cut short. Stops holding once the answer is complete or
+    half the read buffer is full: an upstream echoing a large upload must not stall against its own output."""
+    while not sender.done() and not conn.complete and conn.error is None and conn.buffered < HIGH_WATER // 2:
+        wakeup = conn.wakeup()
+        await asyncio.wait((wakeup, sender), return_when=asyncio.FIRST_COMPLETED)
+    if sender.done() and not sender.cancelled() and (error := sender.exception()) is not None:
+        raise error
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """The body sender's failure after the answer arrived surfaces through the closed connection instead."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _request_head(request: UpstreamRequest, content_length: int | None) -> bytes:

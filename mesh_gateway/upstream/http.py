@@ -20,6 +20,7 @@ from yarl import URL
 from mesh_gateway.errors import (
     GatewayError,
     PayloadTooLarge,
+    UpstreamConnectFailed,
     UpstreamIdentityMismatch,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -53,8 +54,9 @@ class SpiffeConnector(aiohttp.TCPConnector):
         return protocol
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the request body stream; unwrapped to PayloadTooLarge by the forwarder."""
+class BodyTooLarge(PayloadTooLarge):
+    """Raised inside the request body stream; a PayloadTooLarge (413) wherever it surfaces, including while the
+    pipeline buffers a body prefix for a policy."""
 
 
 class HttpForwarder:
@@ -72,6 +74,9 @@ class HttpForwarder:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   skip_auto_headers=_SKIP_AUTO_HEADERS,
                                                   cookie_jar=aiohttp.DummyCookieJar())
+            # Retries belong to upstream/retry.py (another endpoint, the route's budget, body replay rules);
+            # aiohttp's own silent resend of idempotent requests to the same endpoint would double them.
+            self._session._retry_connection = False
         return self._session
 
     async def close(self) -> None:
@@ -79,7 +84,8 @@ class HttpForwarder:
             await self._session.close()
             self._session = None
 
-    def _context(self, endpoint: Endpoint) -> UpstreamContext | bool:
+    def ssl_context_for(self, endpoint: Endpoint) -> UpstreamContext | bool:
+        """The TLS context for `endpoint` (False for plain); shared with the WebSocket dialer."""
         if endpoint.tls == "plain":
             return False
         version = self._credentials.version
@@ -96,9 +102,9 @@ class HttpForwarder:
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
-        ssl_context = self._context(endpoint)
+        ssl_context = self.ssl_context_for(endpoint)
         scheme = "http" if ssl_context is False else "https"
-        url = URL(f"{scheme}://{endpoint.address}:{endpoint.port}{request.target}", encoded=True)
+        url = URL(f"{scheme}://{endpoint.authority}{request.target}", encoded=True)
         headers = CIMultiDict(request.headers)
         headers["Host"] = request.host
         if exchange.info.content_length is not None:
@@ -117,10 +123,17 @@ class HttpForwarder:
             raise
         except BodyTooLarge:
             raise PayloadTooLarge("request body over the cap") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            cause = gateway_cause(exc)
+            if isinstance(cause, GatewayError):
+                raise cause from None
+            raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
-            cause = _cause(exc)
+            cause = gateway_cause(exc)
             if isinstance(cause, GatewayError):
                 raise cause from None
             raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
@@ -130,7 +143,7 @@ class HttpForwarder:
         return Response(upstream.status, response_headers, _stream(upstream), endpoint.key)
 
 
-def _cause(exc: BaseException) -> BaseException | None:
+def gateway_cause(exc: BaseException) -> BaseException | None:
     seen = exc.__cause__ or exc.__context__
     while seen is not None:
         if isinstance(seen, GatewayError | BodyTooLarge):

@@ -1,0 +1,124 @@
+"""build_input(info, route, ...) -> the Envoy ext_authz `CheckRequest` AttributeContext as OPA-Envoy shapes it. Pure.
+
+Policies written for opa-envoy-plugin read `input.attributes.request.http.*`, `input.parsed_path`,
+`input.parsed_query` and `input.parsed_body`; this module builds exactly those keys (protojson names, as the
+plugin sends them) plus `input.source_principal` and `input.route`. docs/authz.md documents every field.
+
+Path normalisation (the defence against policy bypass through encoding) happens at the edge, once, before routing:
+see mesh_gateway/paths.py. The same normalised path is routed, authorized and forwarded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+from mesh_gateway.headers import sanitise_inbound
+from mesh_gateway.model import BodyPrefix, RequestInfo, Route, SpiffeId
+from mesh_gateway.paths import NormalisedPath
+
+INPUT_VERSION = {"encoding": "protojson", "ext_authz": "v3"}
+def _headers(info: RequestInfo, path: str, extra: dict[str, str]) -> dict[str, str]:
+    """Lower-cased names; repeated headers joined with ',' as Envoy does (cookies with '; ').
+
+    Sanitised first, as Envoy's ext_authz sees them: hop-by-hop headers and identity headers a client could
+    forge (`x-forwarded-client-cert`, `forwarded`, `x-spiffe-*`) are gone; the gateway's own are added."""
+    merged: dict[str, str] = {
+        ":authority": info.host,
+        ":method": info.method,
+        ":path": path,
+        ":scheme": info.scheme,
+    }
+    for name, value in sanitise_inbound(info.headers):
+        if name in merged and not name.startswith(":"):
+            merged[name] += ("; " if name == "cookie" else ",") + value
+        else:
+            merged[name] = value
+    merged.update(extra)
+    return merged
+
+
+def xfcc(gateway_id: SpiffeId | None, client_id: SpiffeId, cert_der: bytes | None) -> str:
+    """Envoy's `x-forwarded-client-cert` for SANITIZE_SET with URI details: `By=..;Hash=..;URI=..`."""
+    parts = [f"By={gateway_id}"] if gateway_id else []
+    if cert_der:
+        parts.append(f"Hash={hashlib.sha256(cert_der).hexdigest()}")
+    parts.append(f"URI={client_id}")
+    return ";".join(parts)
+
+
+def _pem(der: bytes) -> str:
+    body = base64.b64encode(der).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
+def _socket(address: str, port: int) -> dict[str, Any]:
+    return {"socketAddress": {"address": address, "portValue": port}}
+
+
+def parse_body(body: BodyPrefix, content_type: str | None) -> tuple[Any, bool]:
+    """OPA-Envoy's rule: JSON bodies are parsed; a truncated or unparsable body gives no `parsed_body`."""
+    if body.truncated or not body.data:
+        return None, body.truncated
+    if content_type is None or "json" not in content_type.split(";", 1)[0].lower():
+        return None, False
+    try:
+        return json.loads(body.data), False
+    except (ValueError, UnicodeDecodeError):
+        return None, False
+
+
+def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, now: float,
+                gateway_id: SpiffeId | None = None, body: BodyPrefix | None = None) -> dict[str, Any]:
+    """The `input` document for one request; `now` is the wall-clock time in seconds."""
+    target = normalised.path + (f"?{info.query}" if info.query else "")
+    peer = info.peer_spiffe_id
+    extra = {"x-request-id": info.request_id, "x-forwarded-proto": info.scheme}
+    if peer is not None:
+        extra["x-forwarded-client-cert"] = xfcc(gateway_id, peer, info.peer.der if info.peer else None)
+    source: dict[str, Any] = {"address": _socket(info.client_address, info.client_port)}
+    if peer is not None:
+        source["principal"] = str(peer)
+        if info.peer is not None and info.peer.der:
+            source["certificate"] = quote(_pem(info.peer.der), safe="")
+    destination: dict[str, Any] = {"address": _socket(info.local_address, info.local_port)}
+    if gateway_id is not None:
+        destination["principal"] = str(gateway_id)
+    http: dict[str, Any] = {
+        "id": info.request_id,
+        "method": info.method,
+        "headers": _headers(info, target, extra),
+        "path": target,
+        "host": info.host,
+        "scheme": info.scheme,
+        "protocol": info.protocol,
+        "size": info.content_length if info.content_length is not None else -1,
+    }
+    stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    document: dict[str, Any] = {
+        "attributes": {
+            "source": source,
+            "destination": destination,
+            "request": {"time": stamp, "http": http},
+            "tls_session": {"sni": info.sni} if info.sni else {},
+            "metadataContext": {},
+        },
+        "parsed_path": list(normalised.segments),
+        "parsed_query": {k: v for k, v in parse_qs(info.query, keep_blank_values=True).items()},
+        "version": dict(INPUT_VERSION),
+        "source_principal": str(peer) if peer is not None else "",
+        "route": {"name": route.name, "service": route.service},
+    }
+    if body is not None:
+        parsed, truncated = parse_body(body, info.header("content-type"))
+        document["truncated_body"] = truncated
+        if parsed is not None:
+            document["parsed_body"] = parsed
+        # Envoy sends the (possibly partial) body as text alongside; OPA-Envoy parses it only when whole.
+        http["body"] = body.data.decode("utf-8", "replace")
+    return document

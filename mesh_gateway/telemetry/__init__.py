@@ -1,0 +1,1 @@
+"""Tracing, metrics and access logs: what operators see of each request."""
