@@ -84,7 +84,8 @@ def upstream_conf(root: Path, pki: Pki, ports: UpstreamPorts, workers: int) -> P
     (www / "16k").write_bytes(b"x" * (BIG_BODY_BYTES - 1) + b"\n")
     cert, key = pki.upstream
     locations = (f'    location = / {{ return 200 "{SMALL_BODY.strip()}\\n"; }}\n'
-                 f"    location = /16k {{ root {www}; try_files /16k =404; }}\n")
+                 f"    location = /16k {{ root {www}; try_files /16k =404; }}\n"
+                 "    location = /v1/traces { client_max_body_size 64m; return 200; }  # OTLP/HTTP sink\n")
     tls = f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
     conf = (_nginx_common(root, "upstream", workers)
             + f"  server {{\n    listen 127.0.0.1:{ports.mtls} ssl;\n{tls}"
@@ -117,7 +118,9 @@ def proxy_conf(root: Path, pki: Pki, port: int, upstream: UpstreamPorts, *, tls:
         upstream_block = f"  upstream up {{ server 127.0.0.1:{upstream.plain}; keepalive 64; " \
                          f"keepalive_requests 10000000; }}\n"
         proxy = "      proxy_pass http://up;\n"
-    conf = (_nginx_common(root, f"proxy-{port}", workers) + upstream_block
+    # Like the gateway's JSON access log: one line per request, buffered.
+    access_log = f"  access_log {root / f'proxy-{port}-access.log'} combined buffer=64k flush=1s;\n"
+    conf = (_nginx_common(root, f"proxy-{port}", workers).replace("  access_log off;\n", access_log) + upstream_block
             + f"  server {{\n{listen}    location / {{\n{proxy}"
             "      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }\n  }\n}\n")
     path = root / f"proxy-{port}.conf"
@@ -140,8 +143,6 @@ class Features:
 FEATURE_KEYS = {"authz": "authz", "tracing": "telemetry", "workers": "workers"}
 
 ALLOW_POLICY = """package mesh.authz
-
-import rego.v1
 
 default allow := false
 
@@ -175,10 +176,14 @@ def gateway_config(root: Path, pki: Pki, port: int, admin_port: int, upstream: U
         policies = root / "policies"
         policies.mkdir(exist_ok=True)
         (policies / "allow.rego").write_text(ALLOW_POLICY)
-        config["authz"] = {"engine": "rego", "policies_dir": str(policies), "query": "data.mesh.authz.allow"}
+        config["authz"] = {"engine": "embedded", "policies": str(policies), "query": "data.mesh.authz.allow"}
+    # The gateway's defaults stay on in every variant (JSON access log, buffered, and metrics); the log goes to a
+    # file as nginx's does. Spans are exported over OTLP/HTTP to the upstream nginx, which answers 200.
+    telemetry: dict[str, Any] = {"access_log": {"path": str(root / "gateway-access.log")}}
     if features.trace_ratio is not None:
-        config["telemetry"] = {"tracing": {"sample_ratio": features.trace_ratio,
-                                           "exporter": "none"}}
+        telemetry["tracing"] = {"exporter": "otlp_http", "sampling_ratio": features.trace_ratio,
+                                "endpoint": f"http://127.0.0.1:{upstream.plain}/v1/traces"}
+    config["telemetry"] = telemetry
     if features.workers != 1:
         config["workers"] = features.workers
     config.update(features.extra)
