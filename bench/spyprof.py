@@ -12,6 +12,10 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+# Start-up frames under which everything runs: they would fill the inclusive column with ~100 % rows.
+_ROOTS = ("<frozen runpy>", "mesh_gateway/__main__.py", "mesh_gateway/cli.py:main", "commands/run.py:handle",
+          "mesh_gateway/app.py:serve", "runners.py:Runner.run", "mesh_gateway/workers.py", "process.py:",
+          "spawn.py:", "<string>:<module>")
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -53,7 +57,8 @@ def summarise(raw: Path, top: int = 20) -> str:
         total += count
         own[frames[-1]] += count
         for name in set(frames):
-            inclusive[name] += count
+            if not name.startswith(_ROOTS):
+                inclusive[name] += count
     if not total:
         return "(no samples)"
     rows = ["| self % | function | | incl. % | function |", "|---:|---|---|---:|---|"]
