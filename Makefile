@@ -14,7 +14,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-## make run: bootstrap the CA into certs/ and start the gateway in front of a demo mTLS upstream
+## make run: bootstrap the CA into certs/ and start the gateway, a demo mTLS upstream and the demo mesh (sidecars)
 run: $(VENV)/.base
 	$(PY) -m mesh_gateway demo --dir certs
 
@@ -24,6 +24,8 @@ test: $(VENV)/.test
 	$(VENV)/bin/mypy --strict mesh_gateway
 	$(VENV)/bin/lint-imports
 	$(PY) -m mesh_gateway policy test policies
+	$(PY) -m mesh_gateway policy test mesh_gateway/demo/policies
+	$(PY) -m mesh_gateway policy test deploy/compose/policies
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## make bench: direct vs nginx vs gateway on the same TLS → mTLS job (installs wrk and nginx with apt-get if missing)

@@ -7,10 +7,12 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -79,17 +81,52 @@ def bind(address: str, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+async def _serve_on(runner: web.BaseRunner, address: str, ssl_context: ssl.SSLContext | None) -> tuple[str, int]:
+    await runner.setup()
+    try:
+        sock = bind(address)
+    except StartupError:
+        await runner.cleanup()
+        raise
+    await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None, *,
+                     shutdown_timeout_s: float) -> tuple[web.BaseRunner, tuple[str, int]]:
+    """Bind `address` and serve `edge` on it; returns the runner (to clean up) and the bound (host, port)."""
+    runner = web.ServerRunner(edge.server(), shutdown_timeout=shutdown_timeout_s)
+    return runner, await _serve_on(runner, address, ssl_context)
+
+
+async def serve_admin(admin: Admin, address: str) -> tuple[web.BaseRunner, tuple[str, int]]:
+    runner = web.AppRunner(admin.app, access_log=None, shutdown_timeout=1.0)
+    return runner, await _serve_on(runner, address, None)
+
+
+class Service(Protocol):
+    """What `run_until_signalled` drives: the gateway, or a sidecar (mesh_gateway/sidecar.py)."""
+
+    supervisor: Supervisor
+
+    @property
+    def drain_timeout_s(self) -> float: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class Gateway:
     def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
                  credentials: Credentials | None = None, identity_ttl_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic, reuse_port: bool = False,
-                 serve_admin: bool = True) -> None:
+                 with_admin: bool = True) -> None:
         """`credentials`: the first SVID when it comes from a remote issuer or Consul (see `prepare_identity`).
         `identity_ttl_s`: overrides identity.ttl without its 1-minute floor; tests use it to rotate every few s."""
         self.config = config
         # Set by workers.py: every worker binds the listeners with SO_REUSEPORT; only one serves the admin port.
         self._reuse_port = reuse_port
-        self._serve_admin = serve_admin
+        self._with_admin = with_admin
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
         ttl_s = identity_ttl_s or config.identity.ttl
         if credentials is None:
@@ -223,7 +260,16 @@ class Gateway:
         return static_chain, client_ca
 
     async def start(self) -> None:
-        """Bind every listener and the admin port; the gateway is serving when this returns."""
+        """Bind every listener and the admin port; the gateway is serving when this returns.
+
+        If any listener cannot be bound, the ones already bound are closed again before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         for listener in self.config.listeners:
             if listener.protocol == "grpc":
                 await self._start_grpc(listener)
@@ -241,13 +287,9 @@ class Gateway:
             self._runners.append(runner)
             self.edges.append(edge)
             self.addresses[listener.name] = sock.getsockname()[:2]
-        if self._serve_admin:
-            admin_runner = web.AppRunner(self.admin.app, access_log=None, shutdown_timeout=1.0)
-            await admin_runner.setup()
-            admin_sock = bind(self.config.admin.address)
-            await web.SockSite(admin_runner, admin_sock).start()
+        if self._with_admin:
+            admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
             self._runners.append(admin_runner)
-            self.addresses["admin"] = admin_sock.getsockname()[:2]
         self.supervisor.start("identity", self.identity.run)
         if self.access_log is not None:
             self.supervisor.start("access-log", self.access_log.run)
@@ -263,6 +305,10 @@ class Gateway:
                               ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.config.drain_timeout_s
 
     def _http_site(self, listener: cfg.Listener, runner: web.BaseRunner, sock: socket.socket, edge: HttpEdge,
                    server_tls: ServerTls | None) -> web.BaseSite:
@@ -324,18 +370,20 @@ async def prepare_identity(config: cfg.GatewayConfig, ttl_s: float | None = None
         raise StartupError(str(exc)) from None
 
 
-async def run_until_signalled(gateway: Gateway) -> int:
+async def run_until_signalled(gateway: Service, *, on_started: Callable[[], None] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await gateway.start()
+    if on_started is not None:
+        on_started()
     failed = loop.create_task(gateway.supervisor.failed.wait())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
     failed.cancel()
     stopping.cancel()
-    log.info("shutting down: draining for up to %ss", gateway.config.drain_timeout_s)
+    log.info("shutting down: draining for up to %ss", gateway.drain_timeout_s)
     await gateway.stop()
     if gateway.supervisor.failure:
         log.error("%s", gateway.supervisor.failure)
@@ -356,13 +404,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(config: cfg.GatewayConfig, *, reuse_port: bool = False, serve_admin: bool = True) -> int:
+def serve(config: cfg.GatewayConfig, *, reuse_port: bool = False, with_admin: bool = True) -> int:
     configure_logging()
 
     async def main() -> int:
         try:
             gateway = Gateway(config, credentials=await prepare_identity(config), reuse_port=reuse_port,
-                              serve_admin=serve_admin)
+                              with_admin=with_admin)
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

@@ -7,9 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from mesh_gateway.commands import ca, check, demo, policy, run
+from mesh_gateway.commands import ca, check, demo, demo_app, policy, run, sidecar
 
-COMMAND_MODULES = (run, check, ca, demo, policy)
+COMMAND_MODULES = (run, sidecar, check, ca, demo, demo_app, policy)
 
 EXIT_USAGE = 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -718,35 +718,57 @@ def resolve_paths(config: GatewayConfig, base: Path) -> GatewayConfig:
         else lst
         for lst in config.listeners
     )
-    ident = config.identity
-    remote = ident.remote and ident.remote.model_copy(
-        update={"bundle": fix(ident.remote.bundle), "join_token_file": fix(ident.remote.join_token_file)})
-    consul = ident.consul and ident.consul.model_copy(update={"token_file": fix(ident.consul.token_file)})
-    identity = ident.model_copy(update={"ca_dir": fix(ident.ca_dir), "remote": remote, "consul": consul})
-    discovery = config.discovery
-    if discovery.consul is not None:
-        watched = discovery.consul
-        tls = watched.tls.model_copy(update={"ca_file": fix(watched.tls.ca_file),
-                                             "cert_file": fix(watched.tls.cert_file),
-                                             "key_file": fix(watched.tls.key_file)})
-        discovery = discovery.model_copy(update={"consul": watched.model_copy(
-            update={"tls": tls, "token_file": fix(watched.token_file)})})
-    telemetry = config.telemetry
-    log = telemetry.access_log
-    telemetry = telemetry.model_copy(update={
-        "tracing": telemetry.tracing.model_copy(update={"ca_file": fix(telemetry.tracing.ca_file)}),
-        "access_log": log if log.path == "-" else log.model_copy(update={"path": str(fix(Path(log.path)))}),
-    })
-    update: dict[str, Any] = {"listeners": listeners, "identity": identity, "telemetry": telemetry,
-                              "discovery": discovery}
+    update: dict[str, Any] = {"listeners": listeners, "identity": resolve_identity_paths(config.identity, base),
+                              "telemetry": resolve_telemetry_paths(config.telemetry, base),
+                              "discovery": resolve_discovery_paths(config.discovery, base)}
     if config.authz is not None:
-        opa = config.authz.opa
-        if opa is not None:
-            opa = opa.model_copy(update={"ca_file": fix(opa.ca_file)})
-        sink = config.authz.decision_log.sink
-        if sink not in ("stderr", "off") and not Path(sink).is_absolute():
-            sink = str(base / sink)
-        update["authz"] = config.authz.model_copy(update={
-            "policies": fix(config.authz.policies), "opa": opa,
-            "decision_log": config.authz.decision_log.model_copy(update={"sink": sink})})
+        update["authz"] = resolve_authz_paths(config.authz, base)
     return config.model_copy(update=update)
+
+
+def resolve_discovery_paths(discovery: Discovery, base: Path) -> Discovery:
+    watched = discovery.consul
+    if watched is None:
+        return discovery
+    tls = watched.tls.model_copy(update={"ca_file": _under(base, watched.tls.ca_file),
+                                         "cert_file": _under(base, watched.tls.cert_file),
+                                         "key_file": _under(base, watched.tls.key_file)})
+    return discovery.model_copy(update={"consul": watched.model_copy(
+        update={"tls": tls, "token_file": _under(base, watched.token_file)})})
+
+
+def resolve_identity_paths(identity: Identity, base: Path) -> Identity:
+    remote = identity.remote and identity.remote.model_copy(update={
+        "bundle": _under(base, identity.remote.bundle),
+        "join_token_file": _under(base, identity.remote.join_token_file)})
+    consul = identity.consul and identity.consul.model_copy(
+        update={"token_file": _under(base, identity.consul.token_file)})
+    return identity.model_copy(update={"ca_dir": _under(base, identity.ca_dir), "remote": remote, "consul": consul})
+
+
+def resolve_telemetry_paths(telemetry: Telemetry, base: Path) -> Telemetry:
+    log = telemetry.access_log
+    ca_file = telemetry.tracing.ca_file
+    return telemetry.model_copy(update={
+        "tracing": telemetry.tracing.model_copy(update={"ca_file": _under(base, ca_file)}),
+        "access_log": log if log.path == "-" else log.model_copy(update={"path": str(_under(base, Path(log.path)))}),
+    })
+
+
+_AuthzSection = TypeVar("_AuthzSection", bound=Authz)
+
+
+def resolve_authz_paths(authz: _AuthzSection, base: Path) -> _AuthzSection:
+    opa = authz.opa
+    if opa is not None:
+        opa = opa.model_copy(update={"ca_file": _under(base, opa.ca_file)})
+    sink = authz.decision_log.sink
+    if sink not in ("stderr", "off") and not Path(sink).is_absolute():
+        sink = str(base / sink)
+    return authz.model_copy(update={
+        "policies": _under(base, authz.policies), "opa": opa,
+        "decision_log": authz.decision_log.model_copy(update={"sink": sink})})
+
+
+def _under(base: Path, path: Path | None) -> Path | None:
+    return path if path is None or path.is_absolute() else base / path

@@ -58,7 +58,7 @@ def _worker_main(config: cfg.GatewayConfig, index: int, parent_pid: int) -> None
     _die_with_parent(parent_pid)
     from mesh_gateway.app import serve
 
-    sys.exit(serve(config, reuse_port=True, serve_admin=index == 0))
+    sys.exit(serve(config, reuse_port=True, with_admin=index == 0))
 
 
 class _Stop:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -111,3 +112,27 @@ async def test_run_with_missing_ca_fails_with_one_clear_line(tmp_path):
     assert b"cannot start: identity:" in stderr
     assert b"ca init" in stderr
     assert b"Traceback" not in stderr
+
+
+async def test_a_listener_that_cannot_bind_leaves_no_other_listener_open(ca, ca_dir, tmp_path):
+    from mesh_gateway.app import Gateway, StartupError
+    from tests.support import gateway_config
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    first_port = socket.socket()
+    first_port.bind(("127.0.0.1", 0))
+    free = first_port.getsockname()[1]
+    first_port.close()
+    config = gateway_config(ca_dir, {"web": [{"address": "127.0.0.1", "port": 9, "spiffe_id": WEB_ID}]},
+                            listeners=[{"name": "a", "address": f"127.0.0.1:{free}"},
+                                       {"name": "b", "address": f"127.0.0.1:{taken}"}])
+    gateway = Gateway(config)
+    try:
+        with pytest.raises(StartupError, match="cannot listen on"):
+            await gateway.start()
+        assert refuses_connections(free)
+    finally:
+        blocker.close()

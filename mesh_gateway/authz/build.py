@@ -63,20 +63,27 @@ def build(config: GatewayConfig, gateway_id: Callable[[], SpiffeId | None]) -> B
             log.warning("authorization disabled on route %s", route.name)
         if route.authz.failure_mode_allow:
             log.warning("route %s allows requests when authorization fails (failure_mode_allow)", route.name)
+    caches = {r.name: CacheSettings(r.authz.cache.ttl_s, r.authz.cache.max_entries, r.authz.cache.headers)
+              for r in config.routes if r.authz.cache is not None}
+    return build_from_section(authz, gateway_id, queries=_queries(config, authz), caches=caches)
+
+
+def build_from_section(authz: Authz, gateway_id: Callable[[], SpiffeId | None], *, queries: tuple[str, ...],
+                       caches: dict[str, CacheSettings] | None = None) -> BuiltAuthz:
+    """The authorizer for one `authz:` section; `queries` are probed when the policy set loads. The sidecar
+    (which has no route table in its config) calls this directly."""
     embedded: EmbeddedEngine | None = None
     evaluator: Evaluator
     if authz.engine == "embedded":
         embedded = EmbeddedEngine(authz.policies, rego_v0=authz.rego_version == "v0",
-                                  probe_queries=_queries(config, authz), poll_s=authz.reload_poll_s)
+                                  probe_queries=queries, poll_s=authz.reload_poll_s)
         embedded.load()
         evaluator = embedded
     else:
         assert authz.opa is not None  # enforced by the config model
         evaluator = OpaClient(authz.opa.url, timeout_s=authz.opa.timeout_ms / 1000, ca_file=authz.opa.ca_file,
                               pool_size=authz.opa.pool_size)
-    caches = {r.name: CacheSettings(r.authz.cache.ttl_s, r.authz.cache.max_entries, r.authz.cache.headers)
-              for r in config.routes if r.authz.cache is not None}
     decision_log = DecisionLog(authz.decision_log.sink, redact_headers=authz.decision_log.redact_headers)
     authorizer = PolicyAuthorizer(evaluator, default_query=authz.query, gateway_id=gateway_id,
-                                  dry_run=authz.dry_run, decision_log=decision_log, caches=caches)
+                                  dry_run=authz.dry_run, decision_log=decision_log, caches=caches or {})
     return BuiltAuthz(authorizer, embedded)

@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
     init.add_argument("--dir", type=Path, default=Path("certs"))
     init.add_argument("--trust-domain", required=True)
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument("--exist-ok", action="store_true",
+                      help="succeed without change when --dir already holds a CA of this trust domain")
     init.set_defaults(handler=handle_init)
 
     issue = ca_sub.add_parser("issue", help="issue an X.509 SVID (key generated locally)")
@@ -54,6 +56,8 @@ def register(sub: Any) -> None:
     create.add_argument("--dir", type=Path, default=Path("certs"))
     create.add_argument("--spiffe-id", required=True)
     create.add_argument("--ttl", default="15m", help="how long the token may be used, e.g. 15m")
+    create.add_argument("--out", type=Path, default=None,
+                        help="write the token to this file (0600) instead of printing it (bootstrap jobs)")
     create.set_defaults(handler=handle_token_create)
 
     rotate = ca_sub.add_parser("rotate", help="new intermediate (and with --root a new cross-signed root)")
@@ -69,6 +73,8 @@ def register(sub: Any) -> None:
 
     bundle = ca_sub.add_parser("bundle", help="print the trust bundle (PEM) and a summary of its roots")
     bundle.add_argument("--dir", type=Path, default=Path("certs"))
+    bundle.add_argument("--out", type=Path, default=None,
+                        help="write the bundle to this file instead of stdout (to hand workloads the roots only)")
     bundle.set_defaults(handler=handle_bundle)
 
 
@@ -78,6 +84,16 @@ def fail(message: str) -> int:
 
 
 def handle_init(args: argparse.Namespace) -> int:
+    if args.exist_ok and not args.force and (args.dir / "bundle.pem").exists():
+        # One-shot bootstrap jobs (compose, Kubernetes init containers) run this on every start.
+        try:
+            existing = load_ca(args.dir)
+        except CAError as exc:
+            return fail(str(exc))
+        if existing.trust_domain != args.trust_domain:
+            return fail(f"{args.dir} holds a CA for {existing.trust_domain}, not {args.trust_domain}")
+        print(f"CA for trust domain {existing.trust_domain} already in {args.dir}; nothing to do")
+        return 0
     try:
         ca = init_ca(args.dir, args.trust_domain, force=args.force)
     except (CAError, ValueError) as exc:
@@ -166,6 +182,10 @@ def handle_token_create(args: argparse.Namespace) -> int:
         token = JoinTokenStore(args.dir).create(spiffe_id, _duration(args.ttl, "--ttl"))
     except (CAError, ValueError, OSError) as exc:
         return fail(str(exc))
+    if args.out is not None:
+        write_atomic(args.out, token.encode() + b"\n", private=True)
+        print(f"join token for {spiffe_id} written to {args.out}")
+        return 0
     print(token)
     return 0
 
@@ -207,5 +227,9 @@ def handle_bundle(args: argparse.Namespace) -> int:
     for root in ca.roots:
         print(f"# root {root.subject.rfc4514_string()} serial {root.serial_number:x} "
               f"expires {root.not_valid_after_utc.isoformat(timespec='seconds')}", file=sys.stderr)
+    if args.out is not None:
+        write_atomic(args.out, ca.bundle_pem)
+        print(f"trust bundle ({len(ca.roots)} roots) written to {args.out}", file=sys.stderr)
+        return 0
     sys.stdout.write(ca.bundle_pem.decode())
     return 0

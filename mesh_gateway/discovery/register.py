@@ -61,12 +61,16 @@ def registration_target(settings: ConsulRegister, listener: tuple[str, int],
 class Registrar:
     def __init__(self, client: ConsulClient, settings: ConsulRegister, *, address: str, port: int, check_url: str,
                  ready: Readiness, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, definition: dict[str, Any] | None = None) -> None:
+        """`definition`: a ready-made registration body (a sidecar's service or connect-proxy) instead of the
+        gateway's own; its check must be `service:<ID>` as service_definition() makes it."""
         self._client = client
         self._settings = settings
-        self.service_id = default_service_id(settings, address, port)
-        self._definition = service_definition(settings, service_id=self.service_id, address=address, port=port,
-                                              check_url=check_url)
+        if definition is None:
+            definition = service_definition(settings, service_id=default_service_id(settings, address, port),
+                                            address=address, port=port, check_url=check_url)
+        self.service_id = str(definition["ID"])
+        self._definition = definition
         self._ready = ready
         self._sleep = sleep
         self._backoff = Backoff(0.5, 30.0, rng)

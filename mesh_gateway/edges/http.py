@@ -37,6 +37,9 @@ from mesh_gateway.upstream.http import BodyTooLarge
 log = logging.getLogger("mesh_gateway.edge")
 
 CompletionHook = Callable[[Exchange], None]
+RequestRewrite = Callable[[RequestInfo], RequestInfo]
+"""Turns the request as received into the request as routed (e.g. the sidecar's `/<service>/...` addressing);
+raises a GatewayError to refuse it."""
 
 
 class WebSocketHandler(Protocol):
@@ -69,8 +72,9 @@ def new_request_id() -> str:
 
 class HttpEdge:
     def __init__(self, *, name: str, pipeline: Pipeline, limits: Limits, tls: bool,
-                 on_complete: list[CompletionHook] | None = None) -> None:
+                 on_complete: list[CompletionHook] | None = None, rewrite: RequestRewrite | None = None) -> None:
         self.name = name
+        self._rewrite = rewrite
         self._pipeline = pipeline
         self._limits = limits
         self._scheme = "https" if tls else "http"
@@ -103,6 +107,8 @@ class HttpEdge:
         request_id = adopt_request_id(request.headers.get("x-request-id"))
         try:
             info = self._request_info(request, request_id)
+            if self._rewrite is not None:
+                info = self._rewrite(info)
         except GatewayError as error:
             # Refused before the request was fully read (414/431/413/401): still logged, counted and traced.
             rejected = Exchange(self._rejected_info(request, request_id), error=error)

@@ -63,7 +63,9 @@ def consul_settings(consul: cfg.ConsulCA) -> ConsulSettings:
     return ConsulSettings(consul.address, consul.service, token=token, wait_s=consul.wait_s)
 
 
-def remote_client(identity: cfg.Identity, credentials: Watch[Credentials] | None) -> IssuerClient:
+def remote_client(identity: cfg.Identity, credentials: Watch[Credentials] | None, *,
+                  join_token: str | None = None) -> IssuerClient:
+    """`join_token`: given by the caller (e.g. the sidecar's MESH_JOIN_TOKEN), else read from join_token_file."""
     remote = identity.remote
     assert remote is not None  # guaranteed by config validation
     bundle_path = remote.bundle or identity.ca_dir / "bundle.pem"
@@ -71,15 +73,16 @@ def remote_client(identity: cfg.Identity, credentials: Watch[Credentials] | None
         bundle = bundle_path.read_bytes()
     except OSError as exc:
         raise IdentityUnavailable(f"identity.remote.bundle {bundle_path}: {exc.strerror}") from None
-    token = None
-    if credentials is None and remote.join_token_file is not None:
+    token = join_token if credentials is None else None
+    if token is None and credentials is None and remote.join_token_file is not None:
         token = _read_secret(remote.join_token_file, "identity.remote.join_token_file")
     return IssuerClient(remote.address, bundle_pem=bundle, bootstrap_address=remote.bootstrap_address,
                         join_token=token, credentials=credentials.get if credentials else (lambda: None),
                         server_name=remote.server_name, timeout_s=remote.timeout_s)
 
 
-async def first_credentials(identity: cfg.Identity, spiffe_id: SpiffeId, ttl_s: float) -> Credentials:
+async def first_credentials(identity: cfg.Identity, spiffe_id: SpiffeId, ttl_s: float, *,
+                            join_token: str | None = None) -> Credentials:
     """The SVID to start with, from whichever source the config names."""
     try:
         if identity.provider == "consul":
@@ -90,7 +93,7 @@ async def first_credentials(identity: cfg.Identity, spiffe_id: SpiffeId, ttl_s: 
             finally:
                 await agent.close()
         if identity.issuer == "remote":
-            client = remote_client(identity, None)
+            client = remote_client(identity, None, join_token=join_token)
             return await obtain_credentials(client, spiffe_id, ttl_s, identity.dns)
         ca = load_ca(identity.ca_dir)
         return ca.issue_credentials(spiffe_id, ttl_s, identity.dns)

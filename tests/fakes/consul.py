@@ -158,6 +158,9 @@ class FakeConsul:
         check.status, check.output = status, output
         inst = self.instances[check.service_id]
         names = [inst.name, f"connect:{inst.name}"]
+        if inst.proxy.get("DestinationServiceName"):
+            # A proxy's own check changes what /v1/health/connect/<destination> answers.
+            names.append(f"connect:{inst.proxy['DestinationServiceName']}")
         for sidecar in self.instances.values():
             if sidecar.proxy.get("DestinationServiceID") == inst.service_id:
                 names += [sidecar.name]
