@@ -28,5 +28,10 @@ test: $(VENV)/.test
 	$(PY) -m mesh_gateway policy test deploy/compose/policies
 	$(PY) -m pytest -q -p no:cacheprovider
 
+## make bench: direct vs nginx vs gateway on the same TLS → mTLS job (installs wrk and nginx with apt-get if missing)
+##   BENCH_ARGS="--variants tls,full --duration 20 --rounds 5 --profile prof/" for a subset, longer runs, py-spy profiles
+bench: $(VENV)/.base
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

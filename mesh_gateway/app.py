@@ -50,6 +50,7 @@ from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
+from mesh_gateway.upstream.h1 import H1Forwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.upstream.outlier import OutlierDetector
 from mesh_gateway.upstream.retry import ResilientForwarder
@@ -118,10 +119,14 @@ class Service(Protocol):
 class Gateway:
     def __init__(self, config: cfg.GatewayConfig, *, authorizer: Authorizer | None = None,
                  credentials: Credentials | None = None, identity_ttl_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_port: bool = False,
+                 with_admin: bool = True) -> None:
         """`credentials`: the first SVID when it comes from a remote issuer or Consul (see `prepare_identity`).
         `identity_ttl_s`: overrides identity.ttl without its 1-minute floor; tests use it to rotate every few s."""
         self.config = config
+        # Set by workers.py: every worker binds the listeners with SO_REUSEPORT; only one serves the admin port.
+        self._reuse_port = reuse_port
+        self._with_admin = with_admin
         self.gateway_id = SpiffeId.parse(config.identity.spiffe_id)
         ttl_s = identity_ttl_s or config.identity.ttl
         if credentials is None:
@@ -140,10 +145,14 @@ class Gateway:
             config.discovery.consul, trust_domain=config.trust_domain, static=static, file_routes=self.file_routes,
             routes=self.routes)
         self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
-        self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
-                                       keepalive_s=config.upstream.keepalive_s)
+        # aiohttp's client also dials WebSockets; plain HTTP goes through upstream.client (h1 by default).
+        self.http_forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
+                                            keepalive_s=config.upstream.keepalive_s)
+        self.forwarder: H1Forwarder | HttpForwarder = self.http_forwarder if config.upstream.client == "aiohttp" \
+            else H1Forwarder(self.credentials, pool_size=config.upstream.pool_size,
+                             keepalive_s=config.upstream.keepalive_s)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
-        self.websocket_dialer = WebSocketDialer(self.forwarder, config.protocols.websocket)
+        self.websocket_dialer = WebSocketDialer(self.http_forwarder, config.protocols.websocket)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
         self.outlier = OutlierDetector(config.resilience.outlier, clock,
@@ -272,14 +281,15 @@ class Gateway:
             server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
             runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
             await runner.setup()
-            sock = bind(listener.address)
+            sock = bind(listener.address, reuse_port=self._reuse_port)
             site = self._http_site(listener, runner, sock, edge, server_tls)
             await site.start()
             self._runners.append(runner)
             self.edges.append(edge)
             self.addresses[listener.name] = sock.getsockname()[:2]
-        admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
-        self._runners.append(admin_runner)
+        if self._with_admin:
+            admin_runner, self.addresses["admin"] = await serve_admin(self.admin, self.config.admin.address)
+            self._runners.append(admin_runner)
         self.supervisor.start("identity", self.identity.run)
         if self.access_log is not None:
             self.supervisor.start("access-log", self.access_log.run)
@@ -291,7 +301,7 @@ class Gateway:
         self._started = True
         if self.consul is not None:
             self.consul.start(self.supervisor.start, listener=self.addresses[self.config.listeners[0].name],
-                              admin=self.addresses["admin"],
+                              admin=self.addresses.get("admin", cfg.split_host_port(self.config.admin.address)),
                               ready=lambda: next(iter(self.admin.not_ready_reasons()), None))
         log.info("gateway %s serving: %s", self.gateway_id,
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
@@ -337,6 +347,8 @@ class Gateway:
         if self.consul is not None:
             await self.consul.close()
         await self.forwarder.close()
+        if self.http_forwarder is not self.forwarder:
+            await self.http_forwarder.close()
         await self.grpc_forwarder.close()
         await self.websocket_dialer.close()
         if self.access_log is not None:
@@ -392,12 +404,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(config: cfg.GatewayConfig) -> int:
+def serve(config: cfg.GatewayConfig, *, reuse_port: bool = False, with_admin: bool = True) -> int:
     configure_logging()
 
     async def main() -> int:
         try:
-            gateway = Gateway(config, credentials=await prepare_identity(config))
+            gateway = Gateway(config, credentials=await prepare_identity(config), reuse_port=reuse_port,
+                              with_admin=with_admin)
             return await run_until_signalled(gateway)
         except StartupError as exc:
             log.error("cannot start: %s", exc)

@@ -58,6 +58,7 @@ from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
+from mesh_gateway.upstream.h1 import H1Forwarder
 from mesh_gateway.upstream.http import HttpForwarder
 from mesh_gateway.upstream.outlier import OutlierDetector
 from mesh_gateway.upstream.retry import ResilientForwarder
@@ -88,8 +89,9 @@ class Sidecar:
         self.config = config
         self.spiffe_id = SpiffeId.parse(config.identity.spiffe_id)
         self.credentials: Watch[Credentials] = Watch(credentials)
-        self.forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
-                                       keepalive_s=config.upstream.keepalive_s)
+        client = H1Forwarder if config.upstream.client == "h1" else HttpForwarder
+        self.forwarder: H1Forwarder | HttpForwarder = client(
+            self.credentials, pool_size=config.upstream.pool_size, keepalive_s=config.upstream.keepalive_s)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
         try:

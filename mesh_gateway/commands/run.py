@@ -23,6 +23,10 @@ def handle(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 2
+    if config.workers != 1:
+        from mesh_gateway.workers import serve_workers
+
+        return serve_workers(config)
     from mesh_gateway.app import serve
 
     return serve(config)

@@ -7,10 +7,10 @@ e.g. ``routes[1].match.path_prefix: must start with '/'``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mesh_gateway.config.authz import (
     Authz,
@@ -149,6 +149,16 @@ class GatewayConfig(Model):
     upstream: Upstream = Upstream()
     protocols: Protocols = Protocols()
     drain_timeout_s: float = Field(default=15.0, ge=0)
+    workers: int | Literal["auto"] = Field(default=1)
+    """Gateway processes sharing the listeners via SO_REUSEPORT; "auto" = one per usable CPU (see workers.py)."""
+
+    @field_validator("workers")
+    @classmethod
+    def _worker_count(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be between 1 and 64, or 'auto'")
+        return value
+
     discovery: Discovery = Discovery()
     resilience: Resilience = Resilience()
     telemetry: Telemetry = Telemetry()
@@ -157,6 +167,11 @@ class GatewayConfig(Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
+        if self.workers != 1:
+            # Each worker binds its own socket: port 0 would give every worker a different ephemeral port.
+            for index, listener in enumerate(self.listeners):
+                if split_host_port(listener.address)[1] == 0:
+                    raise KeyPathError(("listeners", index, "address"), "needs a fixed port when workers is not 1")
         if SpiffeId.parse(self.identity.spiffe_id).trust_domain != self.trust_domain:
             raise KeyPathError(("identity", "spiffe_id"), f"must be in trust domain {self.trust_domain!r}")
         names = [listener.name for listener in self.listeners]

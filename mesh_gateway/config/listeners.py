@@ -53,6 +53,8 @@ class Limits(Model):
 
 
 class Upstream(Model):
+    client: Literal["h1", "aiohttp"] = "h1"
+    """HTTP/1.1 client for upstream requests: "h1" (asyncio + httptools, upstream/h1.py) or "aiohttp"."""
     connect_timeout_s: float = Field(default=2.0, gt=0)
     pool_size: int = Field(default=256, ge=1)
     keepalive_s: float = Field(default=30.0, gt=0)
