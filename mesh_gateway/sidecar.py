@@ -15,14 +15,6 @@ import uuid
 from aiohttp import web
 
 from mesh_gateway import __version__
-from mesh_gateway.app import (
-    StartupError,
-    configure_logging,
-    new_event_loop,
-    run_until_signalled,
-    serve_admin,
-    serve_edge,
-)
 from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
 from mesh_gateway.config import ConfigError
@@ -41,6 +33,14 @@ from mesh_gateway.identity.provider import (
 from mesh_gateway.identity.tls import ServerTls
 from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
+from mesh_gateway.process import (
+    StartupError,
+    configure_logging,
+    new_event_loop,
+    run_until_signalled,
+    serve_admin,
+    serve_edge,
+)
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.sidecar_config import SidecarConfig
 from mesh_gateway.sidecar_consul import SidecarConsul

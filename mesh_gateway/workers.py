@@ -70,7 +70,7 @@ class _Stop:
 
 
 def serve_workers(config: cfg.GatewayConfig) -> int:
-    from mesh_gateway.app import configure_logging
+    from mesh_gateway.process import configure_logging
 
     configure_logging()
     count = worker_count(config.workers)

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 
 from mesh_gateway import config as cfg
-from mesh_gateway.app import StartupError
 from mesh_gateway.demo.upstream import RunningUpstream, start_upstream
 from mesh_gateway.identity.ca import init_ca
+from mesh_gateway.process import StartupError
 from tests.authz_helpers import CLIENT_ID, CONSOLE_ID, shipped_policies
 from tests.fakes.opa import FakeOpa
 from tests.support import WEB_ID, admin_url, client_ssl, gateway_config, issue, running, url

@@ -115,7 +115,8 @@ async def test_run_with_missing_ca_fails_with_one_clear_line(tmp_path):
 
 
 async def test_a_listener_that_cannot_bind_leaves_no_other_listener_open(ca, ca_dir, tmp_path):
-    from mesh_gateway.app import Gateway, StartupError
+    from mesh_gateway.app import Gateway
+    from mesh_gateway.process import StartupError
     from tests.support import gateway_config
 
     blocker = socket.socket()

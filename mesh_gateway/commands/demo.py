@@ -152,7 +152,8 @@ def instructions(gateway: Gateway, mesh: DemoMesh, directory: Path, cert: Path, 
 
 
 def handle(args: argparse.Namespace) -> int:
-    from mesh_gateway.app import Gateway, StartupError, configure_logging, new_event_loop, run_until_signalled
+    from mesh_gateway.app import Gateway
+    from mesh_gateway.process import StartupError, configure_logging, new_event_loop, run_until_signalled
 
     configure_logging()
     directory: Path = args.dir

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mesh_gateway import sidecar_config as sidecar_config_module
-from mesh_gateway.app import StartupError
 from mesh_gateway.demo.apps import RunningApp, inventory_app, orders_app, start_app
 from mesh_gateway.identity.issuer_api import IssuerServer, IssuerSettings
 from mesh_gateway.identity.join_tokens import JoinTokenStore
 from mesh_gateway.identity.local_issuer import LocalIssuer
 from mesh_gateway.model import SpiffeId
+from mesh_gateway.process import StartupError
 from mesh_gateway.sidecar import Sidecar, first_svid
 
 TRUST_DOMAIN = "mesh.local"
