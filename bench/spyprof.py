@@ -14,7 +14,8 @@ from pathlib import Path
 
 # Start-up frames under which everything runs: they would fill the inclusive column with ~100 % rows.
 _ROOTS = ("<frozen runpy>", "mesh_gateway/__main__.py", "mesh_gateway/cli.py:main", "commands/run.py:handle",
-          "mesh_gateway/app.py:serve", "mesh_gateway/process.py:run_until_signalled", "runners.py:Runner.run", "mesh_gateway/workers.py", "process.py:",
+          "mesh_gateway/app.py:serve", "mesh_gateway/process.py:run_until_signalled", "runners.py:Runner.run",
+          "mesh_gateway/workers.py", "process.py:",
           "spawn.py:", "<string>:<module>")
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
