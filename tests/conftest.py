@@ -12,6 +12,15 @@ from tests.support import CLIENT_ID, WEB_ID, issue
 
 os.environ.setdefault("RUST_BACKTRACE", "0")
 
+# The gateway runs on uvloop in production (app.new_event_loop), so the suite does too; MESH_TEST_LOOP=asyncio
+# runs it on the standard loop, which the gateway falls back to where uvloop is not installed.
+if os.environ.get("MESH_TEST_LOOP", "uvloop") == "uvloop":
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
 
 @pytest.fixture
 def ca_dir(tmp_path: Path) -> Path:

@@ -240,7 +240,12 @@ class FakeConsul:
         if not self.acl:
             return Policy(service_read="*", service_write="*")
         token = request.headers.get("X-Consul-Token") or bearer(request) or request.query.get("token")
-        return self.tokens[token] if token else self.anonymous
+        if not token:
+            return self.anonymous
+        if token not in self.tokens:
+            # Consul resolves the token on every pass of a blocking query: one revoked mid-wait is a 403 too.
+            raise web.HTTPForbidden(text="ACL not found")
+        return self.tokens[token]
 
     async def _blocking(self, request: web.Request, compute: Callable[[], tuple[int, Any, bool]]) -> web.Response:
         """Consul's blockingQuery: answer when the result's index passes `index`, the wait ends, or on abandon."""
