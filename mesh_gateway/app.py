@@ -93,16 +93,17 @@ class Gateway:
             config.discovery.consul, trust_domain=config.trust_domain, static=static, file_routes=self.file_routes,
             routes=self.routes)
         self.catalog: Watch[Catalog] = self.consul.catalog if self.consul is not None else Watch(static)
+        self.metrics = Metrics() if config.telemetry.metrics.enabled else None
         # aiohttp's client also dials WebSockets; plain HTTP goes through upstream.client (h1 by default).
         self.http_forwarder = HttpForwarder(self.credentials, pool_size=config.upstream.pool_size,
                                             keepalive_s=config.upstream.keepalive_s)
         self.forwarder: H1Forwarder | HttpForwarder = self.http_forwarder if config.upstream.client == "aiohttp" \
             else H1Forwarder(self.credentials, pool_size=config.upstream.pool_size,
-                             keepalive_s=config.upstream.keepalive_s)
+                             keepalive_s=config.upstream.keepalive_s,
+                             open_connections=self.metrics.upstream_connections if self.metrics else None)
         self.grpc_forwarder = GrpcForwarder(self.credentials, config.protocols.grpc)
         self.websocket_dialer = WebSocketDialer(self.http_forwarder, config.protocols.websocket)
         telemetry = config.telemetry
-        self.metrics = Metrics() if telemetry.metrics.enabled else None
         self.outlier = OutlierDetector(config.resilience.outlier, clock,
                                        on_eject=self.metrics.upstream_ejected if self.metrics else None)
         self.picker = HealthAwarePicker(config.resilience, self.outlier)
@@ -186,11 +187,13 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.record(exchange, duration_s)
 
-    def _server_tls(self, tls: cfg.ListenerTls, *, http2: bool = False) -> ServerTls:
+    def _server_tls(self, listener: cfg.Listener, tls: cfg.ListenerTls, *, http2: bool = False) -> ServerTls:
         static_chain, client_ca = self._listener_files(tls)
+        metrics = self.metrics
         return ServerTls(client_auth=tls.client_auth, min_version=tls.min_version, credentials=self.credentials,
                          static_chain=static_chain, client_ca_pem=client_ca,
-                         alpn=("h2", "http/1.1") if http2 else ("http/1.1",))
+                         alpn=("h2", "http/1.1") if http2 else ("http/1.1",),
+                         on_handshake_error=(lambda: metrics.tls_handshake_error(listener.name)) if metrics else None)
 
     def _listener_files(self, tls: cfg.ListenerTls) -> tuple[tuple[bytes, bytes] | None, bytes | None]:
         static_chain = None
@@ -226,7 +229,7 @@ class Gateway:
                             tls=listener.tls is not None, on_complete=[self._completed])
             if self.config.protocols.websocket.enabled:
                 edge.websockets = WebSocketProxy(self.pipeline, self.websocket_dialer, self.config.protocols.websocket)
-            server_tls = self._server_tls(listener.tls, http2=listener.http2) if listener.tls else None
+            server_tls = self._server_tls(listener, listener.tls, http2=listener.http2) if listener.tls else None
             runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
             await runner.setup()
             sock = bind(listener.address, reuse_port=self._reuse_port)

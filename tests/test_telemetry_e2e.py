@@ -248,3 +248,40 @@ async def test_requests_refused_at_the_edge_are_logged_and_counted(ca, ca_dir, w
     [line] = log_lines(log_path)
     assert (line["status"], line["error"], line["route"]) == (414, "UriTooLong", None)
     assert line["path"] == "/" + "a" * 255 and line["trace_id"]
+
+
+async def test_failed_tls_handshakes_are_counted_per_listener(ca, ca_dir, web_upstream):
+    import ssl as ssl_module
+
+    config = gateway_config(
+        ca_dir, {"web": [{"address": web_upstream.host, "port": web_upstream.port, "spiffe_id": WEB_ID}]},
+        client_auth="required", telemetry={"access_log": {"enabled": False}})
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        host, port = gw.addresses["public"]
+        for _ in range(2):  # no client certificate on a listener that requires one
+            with pytest.raises((ssl_module.SSLError, ConnectionResetError)):
+                reader, writer = await asyncio.open_connection(host, port, ssl=client_ssl(ca.bundle_pem),
+                                                               server_hostname="localhost")
+                writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                await writer.drain()
+                if not await asyncio.wait_for(reader.read(100), 10):
+                    raise ConnectionResetError("closed without a response")
+        key = ("mesh_gateway_tls_handshake_errors_total", (("listener", "public"),))
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: m.get(key) == 2)
+    assert samples[key] == 2
+
+
+async def test_open_upstream_connections_are_a_gauge_per_service(ca, ca_dir, web_upstream, client_creds):
+    config = gateway_config(
+        ca_dir, {"web": [{"address": web_upstream.host, "port": web_upstream.port, "spiffe_id": WEB_ID}]},
+        telemetry={"access_log": {"enabled": False}})
+    key = ("mesh_gateway_upstream_active_connections", (("service", "web"),))
+    async with running(config) as gw, aiohttp.ClientSession() as client:
+        ssl = client_ssl(ca.bundle_pem, client_creds)
+        for _ in range(3):  # sequential requests reuse one pooled keep-alive connection
+            assert (await get(client, ssl, url(gw, "/")))[0] == 200
+        samples = await scrape(client, admin_url(gw, "/metrics"))
+        assert samples[key] == 1
+        await web_upstream.close()  # the upstream goes away: its connection closes
+        samples = await scrape_until(client, admin_url(gw, "/metrics"), lambda m: m.get(key) == 0)
+    assert samples[key] == 0

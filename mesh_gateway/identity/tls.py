@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,7 +110,8 @@ class ServerTls:
 
     def __init__(self, *, client_auth: ClientAuth, min_version: str, credentials: Watch[Credentials] | None,
                  static_chain: tuple[bytes, bytes] | None = None, client_ca_pem: bytes | None = None,
-                 alpn: tuple[str, ...] = ("http/1.1",)) -> None:
+                 alpn: tuple[str, ...] = ("http/1.1",),
+                 on_handshake_error: Callable[[], None] | None = None) -> None:
         if credentials is None and static_chain is None:
             raise ValueError("a listener needs either the gateway SVID or a certificate and key")
         self._client_auth = client_auth
@@ -122,6 +124,8 @@ class ServerTls:
         self._current = self._build()
         self.front = self._build()
         self.front.sni_callback = self._select
+        if on_handshake_error is not None:
+            self.front.sslobject_class = _counting_sslobject(on_handshake_error)
 
     def _build(self) -> ssl.SSLContext:
         creds = self._credentials.get() if self._credentials else None
@@ -144,3 +148,23 @@ class ServerTls:
         current = self.current()
         if ssl_object.context is not current:
             ssl_object.context = current
+
+
+def _counting_sslobject(on_failure: Callable[[], None]) -> type[ssl.SSLObject]:
+    """An SSLObject class that reports failed handshakes.
+
+    asyncio and uvloop drop a failed inbound handshake silently (a log line only in debug mode); they drive the
+    handshake through `SSLObject.do_handshake`, so counting happens there, once per connection, off the data path.
+    """
+
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError:
+                on_failure()
+                raise
+
+    return CountingSSLObject

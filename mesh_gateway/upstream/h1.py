@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mesh_gateway.errors import (
     BadRequest,
@@ -40,7 +40,10 @@ class _Pool:
 
 
 class H1Forwarder:
-    def __init__(self, credentials: Watch[Credentials], *, pool_size: int = 256, keepalive_s: float = 30.0) -> None:
+    def __init__(self, credentials: Watch[Credentials], *, pool_size: int = 256, keepalive_s: float = 30.0,
+                 open_connections: Callable[[str, int], None] | None = None) -> None:
+        """`open_connections(service, delta)` is told of every upstream connection opened (+1) and closed (-1)."""
+        self._open_connections = open_connections
         self._credentials = credentials
         self._contexts: dict[tuple[SpiffeId | None, int], UpstreamContext] = {}
         self._pools: dict[tuple[str, int, int], _Pool] = {}
@@ -72,8 +75,10 @@ class H1Forwarder:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(route.policy.connect_timeout_s):
+                report = self._open_connections
+                on_change = (lambda delta: report(route.service, delta)) if report is not None else None
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop), endpoint.address, endpoint.port, ssl=context,
+                    lambda: UpstreamConnection(loop, on_change), endpoint.address, endpoint.port, ssl=context,
                     server_hostname=endpoint.address if context is not None else None)
         except TimeoutError:
             raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -25,8 +26,9 @@ class StaleConnection(Exception):
 class UpstreamConnection(asyncio.Protocol):
     """One upstream connection; carries one exchange at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_open_change: Callable[[int], None] | None = None) -> None:
         self.loop = loop
+        self._on_open_change = on_open_change
         self.transport: Any = None  # uvloop's SSL transport is not an asyncio.Transport subclass
         self.parser = httptools.HttpResponseParser(self)
         self.reusable = True
@@ -57,8 +59,12 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self._on_open_change is not None:
+            self._on_open_change(1)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._on_open_change is not None and not self.closed:
+            self._on_open_change(-1)
         self.closed = True
         self.reusable = False
         self._can_write.set()
