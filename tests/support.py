@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -79,3 +80,15 @@ def url(gateway: Gateway, path: str = "/", listener: str = "public", scheme: str
 def admin_url(gateway: Gateway, path: str) -> str:
     host, port = gateway.addresses["admin"]
     return f"http://{host}:{port}{path}"
+
+
+async def reap(process: asyncio.subprocess.Process) -> None:
+    """Kill `process` if it still runs, wait for it, and read its pipes to EOF so their transports close before
+    the test's event loop does (uvloop refuses to close a loop with a live pipe)."""
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.read(), 10)

@@ -18,6 +18,7 @@ from mesh_gateway.identity.ca import load_ca
 from mesh_gateway.identity.issuer_api import IssuerClient, IssuerRpcError, build_csr
 from mesh_gateway.identity.rotation import credentials_from_chain
 from mesh_gateway.model import SpiffeId
+from tests.support import reap
 
 WEB = SpiffeId("example.org", "/web")
 
@@ -70,4 +71,6 @@ async def test_ca_serve_bootstraps_a_workload_and_stops_on_sigterm(tmp_path: Pat
             assert exc.code == "UNAUTHENTICATED"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        code = await asyncio.wait_for(proc.wait(), 20)
+        await reap(proc)
+    assert code == 0

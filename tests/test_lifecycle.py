@@ -16,7 +16,7 @@ import yaml
 from aiohttp import web
 
 from mesh_gateway.identity.tls import server_context
-from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, issue
+from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, issue, reap
 
 SERVING = re.compile(rb"serving: public=([\d.]+):(\d+), admin=([\d.]+):(\d+)")
 
@@ -96,9 +96,7 @@ async def test_sigterm_finishes_in_flight_request_refuses_new_and_exits_0(ca, ca
             response.release()
         assert await asyncio.wait_for(process.wait(), 15) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await reap(process)
         await runner.cleanup()
 
 

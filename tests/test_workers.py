@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mesh_gateway import config as cfg
-from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, issue
+from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, issue, reap
 from tests.test_lifecycle import refuses_connections, start_slow_upstream, wait_for_serving
 
 BASE = {
@@ -126,9 +126,7 @@ async def test_two_workers_share_the_port_and_drain_in_flight_requests_on_sigter
         assert await asyncio.wait_for(process.wait(), 20) == 0
         assert listening_pids(port) == set()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await reap(process)
         await runner.cleanup()
 
 
@@ -148,7 +146,5 @@ async def test_a_worker_that_dies_stops_the_set_with_an_error(ca, ca_dir, tmp_pa
         assert not os.path.exists(f"/proc/{survivor}") or listening_pids(port) == set()
         assert refuses_connections(port)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await reap(process)
         await runner.cleanup()
