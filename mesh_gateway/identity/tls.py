@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from mesh_gateway.model import Credentials, SpiffeId
+from mesh_gateway.model import Credentials, Endpoint, SpiffeId
 from mesh_gateway.spiffe import IdentityError, spiffe_id_from_peercert
 from mesh_gateway.watch import Watch
 
@@ -80,6 +80,35 @@ class UpstreamContext(ssl.SSLContext):
     """A client context that remembers which SPIFFE ID its peers must present."""
 
     expected_spiffe_id: SpiffeId | None = None
+
+
+class UpstreamContexts:
+    """Client contexts for upstream endpoints, one per (expected SPIFFE ID, credentials version).
+
+    Connection pools are keyed by context, so a connection verified for one identity is never reused for
+    another, and a rotated SVID starts a new generation of connections while the old ones finish.
+    """
+
+    def __init__(self, credentials: Watch[Credentials], *, alpn: tuple[str, ...] = ("http/1.1",)) -> None:
+        self._credentials = credentials
+        self._alpn = alpn
+        self._contexts: dict[tuple[SpiffeId | None, bool, int], UpstreamContext] = {}
+
+    def for_endpoint(self, endpoint: Endpoint) -> UpstreamContext | None:
+        """None for a plain-HTTP endpoint; `mtls` presents the current SVID, `tls` presents none."""
+        if endpoint.tls == "plain":
+            return None
+        version = self._credentials.version
+        key = (endpoint.spiffe_id, endpoint.tls == "mtls", version)
+        context = self._contexts.get(key)
+        if context is None:
+            if len(self._contexts) > 1024 or any(k[2] != version for k in self._contexts):
+                self._contexts = {k: c for k, c in self._contexts.items() if k[2] == version}
+            creds = self._credentials.get()
+            context = client_context(creds if endpoint.tls == "mtls" else None, creds.bundle_pem,
+                                     expected=endpoint.spiffe_id, alpn=self._alpn)
+            self._contexts[key] = context
+        return context
 
 
 def peer_spiffe_id(ssl_object: Any) -> SpiffeId | None:

@@ -23,8 +23,8 @@ from mesh_gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mesh_gateway.identity.tls import UpstreamContext, client_context, verify_peer
-from mesh_gateway.model import Credentials, Endpoint, Response, Route, SpiffeId
+from mesh_gateway.identity.tls import UpstreamContext, UpstreamContexts, verify_peer
+from mesh_gateway.model import Credentials, Endpoint, Response, Route
 from mesh_gateway.pipeline import Exchange, UpstreamRequest
 from mesh_gateway.spiffe import IdentityError
 from mesh_gateway.upstream.h1_connection import HIGH_WATER, StaleConnection, UpstreamConnection
@@ -44,8 +44,7 @@ class H1Forwarder:
                  open_connections: Callable[[str, int], None] | None = None) -> None:
         """`open_connections(service, delta)` is told of every upstream connection opened (+1) and closed (-1)."""
         self._open_connections = open_connections
-        self._credentials = credentials
-        self._contexts: dict[tuple[SpiffeId | None, int], UpstreamContext] = {}
+        self._contexts = UpstreamContexts(credentials)
         self._pools: dict[tuple[str, int, int], _Pool] = {}
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
@@ -55,21 +54,6 @@ class H1Forwarder:
             while pool.idle:
                 pool.idle.pop().close()
         self._pools.clear()
-
-    def _context(self, endpoint: Endpoint) -> UpstreamContext | None:
-        if endpoint.tls == "plain":
-            return None
-        version = self._credentials.version
-        key = (endpoint.spiffe_id, version)
-        context = self._contexts.get(key)
-        if context is None:
-            creds = self._credentials.get()
-            if len(self._contexts) > 1024 or any(v != version for _, v in self._contexts):
-                self._contexts = {k: c for k, c in self._contexts.items() if k[1] == version}
-            context = client_context(creds if endpoint.tls == "mtls" else None, creds.bundle_pem,
-                                     expected=endpoint.spiffe_id)
-            self._contexts[key] = context
-        return context
 
     async def _connect(self, endpoint: Endpoint, context: UpstreamContext | None, route: Route) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -110,7 +94,7 @@ class H1Forwarder:
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
-        context = self._context(endpoint)
+        context = self._contexts.for_endpoint(endpoint)
         key = (endpoint.address, endpoint.port, id(context))
         pool = self._pools.get(key)
         if pool is None:

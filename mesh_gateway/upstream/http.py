@@ -25,8 +25,8 @@ from mesh_gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mesh_gateway.identity.tls import UpstreamContext, client_context, verify_peer
-from mesh_gateway.model import Credentials, Endpoint, Response, Route, SpiffeId
+from mesh_gateway.identity.tls import UpstreamContext, UpstreamContexts, verify_peer
+from mesh_gateway.model import Credentials, Endpoint, Response, Route
 from mesh_gateway.pipeline import Exchange, UpstreamRequest
 from mesh_gateway.spiffe import IdentityError
 from mesh_gateway.watch import Watch
@@ -61,8 +61,7 @@ class BodyTooLarge(PayloadTooLarge):
 
 class HttpForwarder:
     def __init__(self, credentials: Watch[Credentials], *, pool_size: int = 256, keepalive_s: float = 30.0) -> None:
-        self._credentials = credentials
-        self._contexts: dict[tuple[SpiffeId | None, int], UpstreamContext] = {}
+        self._contexts = UpstreamContexts(credentials)
         self._pool_size = pool_size
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
@@ -86,19 +85,7 @@ class HttpForwarder:
 
     def ssl_context_for(self, endpoint: Endpoint) -> UpstreamContext | bool:
         """The TLS context for `endpoint` (False for plain); shared with the WebSocket dialer."""
-        if endpoint.tls == "plain":
-            return False
-        version = self._credentials.version
-        key = (endpoint.spiffe_id, version)
-        context = self._contexts.get(key)
-        if context is None:
-            creds = self._credentials.get()
-            if len(self._contexts) > 1024 or any(v != version for _, v in self._contexts):
-                self._contexts = {k: c for k, c in self._contexts.items() if k[1] == version}
-            context = client_context(creds if endpoint.tls == "mtls" else None, creds.bundle_pem,
-                                     expected=endpoint.spiffe_id)
-            self._contexts[key] = context
-        return context
+        return self._contexts.for_endpoint(endpoint) or False
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
