@@ -114,20 +114,21 @@ class HttpForwarder:
             raise UpstreamConnectFailed(f"{endpoint.key}: connect timed out") from None
         except TimeoutError:
             raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
-        except aiohttp.ClientConnectorError as exc:
-            cause = gateway_cause(exc)
-            if isinstance(cause, GatewayError):
-                raise cause from None
-            raise UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
-        except aiohttp.ClientError as exc:
-            cause = gateway_cause(exc)
-            if isinstance(cause, GatewayError):
-                raise cause from None
-            raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise UpstreamUnavailable(f"{endpoint.key}: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise translate_client_error(exc, endpoint) from None
         response_headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in upstream.raw_headers]
         return Response(upstream.status, response_headers, _stream(upstream), endpoint.key)
+
+
+def translate_client_error(exc: aiohttp.ClientError | OSError, endpoint: Endpoint) -> GatewayError:
+    """An aiohttp client failure as the gateway error it means: ours if we raised it inside aiohttp (identity
+    mismatch, body cap), else connect failed (nothing sent, safe to retry) or unavailable."""
+    cause = gateway_cause(exc)
+    if isinstance(cause, GatewayError):
+        return cause
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectFailed(f"{endpoint.key}: {type(exc).__name__}: {exc}")
+    return UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}")
 
 
 def gateway_cause(exc: BaseException) -> BaseException | None:

@@ -14,9 +14,9 @@ import aiohttp
 from yarl import URL
 
 from mesh_gateway.config import WebSocketSettings
-from mesh_gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from mesh_gateway.errors import GatewayError, UpstreamTimeout
 from mesh_gateway.model import Endpoint
-from mesh_gateway.upstream.http import HttpForwarder, SpiffeConnector, gateway_cause
+from mesh_gateway.upstream.http import HttpForwarder, SpiffeConnector, translate_client_error
 
 
 class UpstreamRefusedUpgrade(GatewayError):
@@ -56,13 +56,8 @@ class WebSocketDialer:
                                   ) from None
         except aiohttp.WSServerHandshakeError as exc:
             raise UpstreamRefusedUpgrade(f"{endpoint.key}: upgrade answered {exc.status}") from None
-        except aiohttp.ClientError as exc:
-            cause = gateway_cause(exc)
-            if isinstance(cause, GatewayError):
-                raise cause from None
-            raise UpstreamUnavailable(f"{endpoint.key}: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise UpstreamUnavailable(f"{endpoint.key}: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise translate_client_error(exc, endpoint) from None
 
     async def close(self) -> None:
         if self._session is not None:
