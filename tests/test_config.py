@@ -70,3 +70,13 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_text(VALID)
     assert load(path).identity.ca_dir == tmp_path / "conf" / "certs"
+
+
+def test_the_complete_example_in_the_docs_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    examples = [b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "trust_domain:" in b and "listeners:" in b]
+    assert examples, "docs/configuration.md lost its complete example"
+    for example in examples:
+        assert check(tmp_path, example) == 0, capsys.readouterr().err
