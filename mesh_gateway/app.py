@@ -249,6 +249,8 @@ class Gateway:
             self.supervisor.start("discovery-age", lambda: self._track_discovery(metrics))
         if self.authz is not None and self.authz.embedded is not None:
             self.supervisor.start("policy-watcher", self.authz.embedded.watch)
+        if self.authz is not None:
+            self.supervisor.start("decision-log", self.authz.authorizer.decision_log.run)
         self._started = True
         if self.consul is not None:
             self.consul.start(self.supervisor.start, listener=self.addresses[self.config.listeners[0].name],

@@ -263,6 +263,8 @@ class Sidecar:
             self.supervisor.start("access-log", self.access_log.run)
         if self.authz is not None and self.authz.embedded is not None:
             self.supervisor.start("policy-watcher", self.authz.embedded.watch)
+        if self.authz is not None:
+            self.supervisor.start("decision-log", self.authz.authorizer.decision_log.run)
         if self.consul is not None:
             self.consul.start(self.supervisor.start, inbound=self.addresses["inbound"],
                               admin=self.addresses["admin"], app_ready=lambda: self._app_problem,

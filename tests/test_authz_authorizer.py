@@ -165,6 +165,7 @@ async def test_failure_mode_allow_allows_and_logs(tmp_path):
     authorizer = remote(f"http://127.0.0.1:{closed_port()}", decision_log=DecisionLog(stream=stream))
     decision = await authorizer.check(request_info(), route(authz_failure_mode_allow=True), exchange())
     assert decision.allowed
+    authorizer.decision_log.flush()
     line = json.loads(stream.getvalue())
     assert line["result"] == "error" and "failure_mode_allow" in line["reason"] and line["http_status"] == 200
     await authorizer.close()
@@ -175,6 +176,8 @@ async def test_dry_run_allows_but_logs_the_real_answer(policies):
     authorizer = embedded(policies, decision_log=DecisionLog(stream=stream), dry_run=True)
     decision = await authorizer.check(request_info(method="DELETE"), ROUTE, exchange())
     assert decision.allowed and decision.dry_run
+    assert stream.getvalue() == ""  # batched: written by the decision-log task, not on the request path
+    authorizer.decision_log.flush()
     line = json.loads(stream.getvalue())
     assert (line["result"], line["http_status"], line["dry_run"]) == ("deny", 403, True)
     per_route = embedded(policies)
@@ -188,6 +191,7 @@ async def test_decision_log_line_carries_trace_and_redacts_secrets(policies):
     info = request_info(headers=(("authorization", "Bearer secret-token"), ("cookie", "sid=secret"),
                                  ("user-agent", "probe/1")))
     decision = await authorizer.check(info, ROUTE, exchange(info))
+    authorizer.decision_log.flush()
     line = json.loads(stream.getvalue())
     assert line["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736" and line["span_id"] == "00f067aa0ba902b7"
     assert line["decision_id"] == decision.decision_id
@@ -209,6 +213,7 @@ async def test_cache_answers_repeats_and_never_stores_errors(policies, opa):
     await authorizer.check(request_info(headers=(("x-tenant", "b"),)), ROUTE, exchange())
     await authorizer.check(request_info(path="/api/other"), ROUTE, exchange())
     assert len(opa.requests) == 3
+    authorizer.decision_log.flush()
     assert [json.loads(line)["cached"] for line in stream.getvalue().splitlines()] == [False, True, False, False]
     opa.status = 500
     for _ in range(2):

@@ -64,6 +64,10 @@ class PolicyAuthorizer:
         self._wall = wall
         self._caches = {name: DecisionCache(settings, monotonic) for name, settings in (caches or {}).items()}
 
+    @property
+    def decision_log(self) -> DecisionLog:
+        return self._log
+
     def cache(self, route_name: str) -> DecisionCache | None:
         return self._caches.get(route_name)
 

@@ -3,6 +3,9 @@
 Fields: decision_id, timestamp, route, principal, method, path, result (allow|deny|error), http_status,
 duration_us, revision, engine, query, dry_run, trace_id, span_id, headers (with configured headers redacted),
 and reason for errors. Secrets never reach the line: redacted headers keep only their name.
+
+Lines are batched in memory (telemetry.logs.LineBuffer) and written by `run()` every `flush_interval_s` or when the
+buffer fills: a decision never waits on a write to a slow stderr pipe or disk.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+
+from mesh_gateway.telemetry.logs import LineBuffer
 
 REDACTED = "[REDACTED]"
 DEFAULT_REDACT = ("authorization", "cookie", "proxy-authorization", "set-cookie")
@@ -43,27 +48,33 @@ class DecisionRecord:
 
 class DecisionLog:
     def __init__(self, sink: str = "stderr", *, redact_headers: tuple[str, ...] = DEFAULT_REDACT,
-                 wall: Callable[[], float] = time.time, stream: IO[str] | None = None) -> None:
+                 wall: Callable[[], float] = time.time, stream: IO[str] | None = None,
+                 flush_interval_s: float = 0.2) -> None:
         self._redact = frozenset(h.lower() for h in redact_headers)
         self._wall = wall
         self._owned: IO[str] | None = None
-        self.dropped = 0
+        out: IO[str] | None
         if stream is not None:
-            self._stream: IO[str] | None = stream
+            out = stream
         elif sink == "stderr":
-            self._stream = sys.stderr
+            out = sys.stderr
         elif sink == "off":
-            self._stream = None
+            out = None
         else:
             path = Path(sink)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._owned = self._stream = path.open("a", encoding="utf-8", buffering=1)
+            self._owned = out = path.open("a", encoding="utf-8")
+        self._lines = LineBuffer(out, name="decision log", flush_interval_s=flush_interval_s) if out else None
+
+    @property
+    def dropped(self) -> int:
+        return self._lines.lost if self._lines else 0
 
     def redact(self, headers: dict[str, str]) -> dict[str, str]:
         return {name: (REDACTED if name in self._redact else value) for name, value in headers.items()}
 
     def write(self, record: DecisionRecord) -> None:
-        if self._stream is None:
+        if self._lines is None:
             return
         line: dict[str, Any] = {
             "decision_id": record.decision_id,
@@ -86,12 +97,19 @@ class DecisionLog:
         }
         if record.reason:
             line["reason"] = record.reason
-        try:
-            self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
-        except (OSError, ValueError):
-            self.dropped += 1  # a full disk or closed stream must not turn into a failed request
+        self._lines.add(json.dumps(line, separators=(",", ":")))
+
+    def flush(self) -> None:
+        if self._lines is not None:
+            self._lines.flush()
+
+    async def run(self) -> None:
+        """Write batched lines until cancelled (a supervised task of the gateway or sidecar)."""
+        if self._lines is not None:
+            await self._lines.run()
 
     def close(self) -> None:
+        self.flush()
         if self._owned is not None:
             self._owned.close()
             self._owned = None

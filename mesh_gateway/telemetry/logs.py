@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from mesh_gateway.config import AccessLog as AccessLogConfig
 from mesh_gateway.config import ConfigError
@@ -56,6 +56,48 @@ def access_record(exchange: Exchange, duration_s: float, *, now: float, include_
     return record
 
 
+class LineBuffer:
+    """Lines collected in memory and written in batches: when `buffer_bytes` fill, every `flush_interval_s`
+    (`run()`), and on close. A request never waits on a log write it could not batch; a failed write loses the
+    batch (counted, logged), never the request."""
+
+    def __init__(self, out: IO[str], *, name: str, buffer_bytes: int = 64 * 1024,
+                 flush_interval_s: float = 0.2) -> None:
+        self._out = out
+        self._name = name
+        self._buffer_bytes = buffer_bytes
+        self._flush_interval_s = flush_interval_s
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self.lost = 0
+
+    def add(self, line: str) -> None:
+        self._pending.append(line + "\n")
+        self._pending_bytes += len(line) + 1
+        if self._pending_bytes >= self._buffer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        try:
+            self._out.write("".join(lines))
+            self._out.flush()
+        except (OSError, ValueError) as exc:  # disk full or stream closed: lose the batch, keep serving
+            self.lost += len(lines)
+            log.error("%s write failed, %d lines lost: %s", self._name, len(lines), exc)
+
+    async def run(self) -> None:
+        """Flush every `flush_interval_s` until cancelled; flushes once more on the way out."""
+        try:
+            while True:
+                await asyncio.sleep(self._flush_interval_s)
+                self.flush()
+        finally:
+            self.flush()
+
+
 class AccessLog:
     def __init__(self, config: AccessLogConfig, *, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -68,37 +110,20 @@ class AccessLog:
             except OSError as exc:
                 raise ConfigError([f"telemetry.access_log.path: cannot open {config.path}: {exc.strerror}"]) from None
             stream = self._owned = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._out: TextIO = stream if stream is not None else sys.stdout
-        self._pending: list[str] = []
-        self._pending_bytes = 0
+        self._lines = LineBuffer(stream if stream is not None else sys.stdout, name="access log",
+                                 buffer_bytes=config.buffer_bytes, flush_interval_s=config.flush_interval_s)
 
     def record(self, exchange: Exchange, duration_s: float) -> None:
         line = json.dumps(access_record(exchange, duration_s, now=self._clock(),
                                         include_query=self._config.include_query),
                           separators=(",", ":"), ensure_ascii=True)
-        self._pending.append(line + "\n")
-        self._pending_bytes += len(line) + 1
-        if self._pending_bytes >= self._config.buffer_bytes:
-            self.flush()
+        self._lines.add(line)
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        lines, self._pending, self._pending_bytes = self._pending, [], 0
-        try:
-            self._out.write("".join(lines))
-            self._out.flush()
-        except (OSError, ValueError) as exc:  # disk full or stream closed: lose the batch, keep serving
-            log.error("access log write failed, %d lines lost: %s", len(lines), exc)
+        self._lines.flush()
 
     async def run(self) -> None:
-        """Flush every `flush_interval_s` until cancelled; flushes once more on the way out."""
-        try:
-            while True:
-                await asyncio.sleep(self._config.flush_interval_s)
-                self.flush()
-        finally:
-            self.flush()
+        await self._lines.run()
 
     def close(self) -> None:
         self.flush()
