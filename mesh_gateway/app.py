@@ -6,13 +6,11 @@ import asyncio
 import logging
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
@@ -30,7 +28,6 @@ from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.provider import (
     IdentitySource,
     IdentityUnavailable,
-    build_source,
     certs_view,
     chain_expiries,
     first_credentials,
@@ -40,17 +37,17 @@ from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.process import (
     StartupError,
+    access_log_and_tracer,
     bind,
     configure_logging,
+    identity_source,
     new_event_loop,
     run_until_signalled,
     serve_admin,
 )
 from mesh_gateway.routing import CompiledRoutes, compile_routes
 from mesh_gateway.supervisor import Supervisor
-from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import MeteredAuthorizer, Metrics
-from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
@@ -110,18 +107,9 @@ class Gateway:
         self.circuits = Circuits(config.resilience)
         resilient = ResilientForwarder(self.forwarder, picker=self.picker, outlier=self.outlier,
                                        circuits=self.circuits, catalog=self.catalog, settings=config.resilience)
-        try:
-            self.identity: IdentitySource = build_source(
-                config.identity, self.gateway_id, self.credentials, ttl_s=ttl_s,
-                on_result=self.metrics.cert_rotated if self.metrics is not None else None)
-        except IdentityUnavailable as exc:
-            raise StartupError(str(exc)) from None
-        try:
-            self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
-            self.tracer = OtelTracer(telemetry.tracing, service_name=telemetry.service_name,
-                                     service_version=__version__, instance_id=uuid.uuid4().hex)
-        except cfg.ConfigError as exc:
-            raise StartupError(str(exc)) from None
+        self.identity: IdentitySource = identity_source(config.identity, self.gateway_id, self.credentials,
+                                                        ttl_s=ttl_s, metrics=self.metrics)
+        self.access_log, self.tracer = access_log_and_tracer(telemetry, telemetry.service_name)
         self.authz: authz_build.BuiltAuthz | None = None
         if authorizer is None:
             try:

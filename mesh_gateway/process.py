@@ -1,4 +1,5 @@
-"""The process around a service: binding sockets, serving aiohttp runners, signals, logging, the event loop.
+"""The process around a service: binding sockets, serving aiohttp runners, signals, logging, the event loop, and
+the parts every composition root builds the same way (identity source, access log, tracer).
 
 Shared by the gateway (app.py), the sidecar (sidecar.py) and the demo.
 """
@@ -11,15 +12,23 @@ import logging
 import signal
 import socket
 import ssl
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
 
+from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.identity.provider import IdentitySource, IdentityUnavailable, build_source
+from mesh_gateway.model import Credentials, SpiffeId
 from mesh_gateway.supervisor import Supervisor
+from mesh_gateway.telemetry.logs import AccessLog
+from mesh_gateway.telemetry.metrics import Metrics
+from mesh_gateway.telemetry.tracing import OtelTracer
+from mesh_gateway.watch import Watch
 
 log = logging.getLogger("mesh_gateway")
 
@@ -112,3 +121,23 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         return loop
     return asyncio.new_event_loop()
+
+
+def identity_source(identity: cfg.Identity, spiffe_id: SpiffeId, credentials: Watch[Credentials], *, ttl_s: float,
+                    metrics: Metrics | None) -> IdentitySource:
+    """The task that keeps `credentials` current (rotation, remote issuer or Consul CA); StartupError if unusable."""
+    try:
+        return build_source(identity, spiffe_id, credentials, ttl_s=ttl_s,
+                            on_result=metrics.cert_rotated if metrics is not None else None)
+    except IdentityUnavailable as exc:
+        raise StartupError(str(exc)) from None
+
+
+def access_log_and_tracer(telemetry: cfg.Telemetry, service_name: str) -> tuple[AccessLog | None, OtelTracer]:
+    try:
+        access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
+        tracer = OtelTracer(telemetry.tracing, service_name=service_name, service_version=__version__,
+                            instance_id=uuid.uuid4().hex)
+    except cfg.ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    return access_log, tracer

@@ -10,14 +10,11 @@ import contextlib
 import logging
 import ssl
 import time
-import uuid
 
 from aiohttp import web
 
-from mesh_gateway import __version__
 from mesh_gateway.authz import build as authz_build
 from mesh_gateway.authz.policyset import PolicyError
-from mesh_gateway.config import ConfigError
 from mesh_gateway.discovery.static import catalog_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import redact, route_view
@@ -26,7 +23,6 @@ from mesh_gateway.edges.http import HttpEdge
 from mesh_gateway.identity.provider import (
     IdentitySource,
     IdentityUnavailable,
-    build_source,
     certs_view,
     first_credentials,
 )
@@ -35,7 +31,9 @@ from mesh_gateway.model import Catalog, Credentials, SpiffeId
 from mesh_gateway.pipeline import AllowAll, Authorizer, Exchange, Pipeline
 from mesh_gateway.process import (
     StartupError,
+    access_log_and_tracer,
     configure_logging,
+    identity_source,
     new_event_loop,
     run_until_signalled,
     serve_admin,
@@ -52,9 +50,7 @@ from mesh_gateway.sidecar_routing import (
     service_addressing,
 )
 from mesh_gateway.supervisor import Supervisor
-from mesh_gateway.telemetry.logs import AccessLog
 from mesh_gateway.telemetry.metrics import CONTENT_TYPE, MeteredAuthorizer, Metrics
-from mesh_gateway.telemetry.tracing import OtelTracer
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
 from mesh_gateway.upstream.grpc import GrpcForwarder
@@ -94,18 +90,9 @@ class Sidecar:
             self.credentials, pool_size=config.upstream.pool_size, keepalive_s=config.upstream.keepalive_s)
         telemetry = config.telemetry
         self.metrics = Metrics() if telemetry.metrics.enabled else None
-        try:
-            self.identity: IdentitySource = build_source(
-                config.identity, self.spiffe_id, self.credentials, ttl_s=config.identity.ttl,
-                on_result=self.metrics.cert_rotated if self.metrics is not None else None)
-        except IdentityUnavailable as exc:
-            raise StartupError(str(exc)) from None
-        try:
-            self.access_log = AccessLog(telemetry.access_log) if telemetry.access_log.enabled else None
-            self.tracer = OtelTracer(telemetry.tracing, service_name=config.service_name,
-                                     service_version=__version__, instance_id=uuid.uuid4().hex)
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
+        self.identity: IdentitySource = identity_source(config.identity, self.spiffe_id, self.credentials,
+                                                        ttl_s=config.identity.ttl, metrics=self.metrics)
+        self.access_log, self.tracer = access_log_and_tracer(telemetry, config.service_name)
         self.authz: authz_build.BuiltAuthz | None = None
         if policy is None and config.authz is not None and config.authz.engine != "none":
             try:
