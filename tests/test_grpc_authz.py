@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import grpc.aio
 import pytest
 
-from tests.grpc_support import ECHO_ID, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
-from tests.support import issue, running
+from tests.grpc_support import grpc_config, stub
+from tests.support import running
 
 POLICY = '''package envoy.authz
 
@@ -32,18 +30,6 @@ allow if {
     input.attributes.request.http.headers["x-role"] == "admin"
 }
 '''
-
-
-@pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-@pytest.fixture
-async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
-    upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
-    yield upstream
-    await upstream.close()
 
 
 async def test_rego_policy_decides_grpc_calls_by_service_method_identity_and_metadata(

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from types import ModuleType
 
 import grpc
 import grpc.aio
 import pytest
 
-from tests.grpc_support import ECHO_ID, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
+from tests.grpc_support import grpc_config, start_echo_upstream, stub
 from tests.support import issue, running
-
-
-@pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-@pytest.fixture
-async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
-    upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
-    yield upstream
-    await upstream.close()
 
 
 async def test_upstream_dying_mid_stream_fails_the_call_without_internal_details(ca, ca_dir, echo, protos,

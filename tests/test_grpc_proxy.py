@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from types import ModuleType
 from typing import Any
 
 import grpc
@@ -17,25 +16,11 @@ from mesh_gateway import config as cfg
 from tests.grpc_support import (
     ECHO_ID,
     DenyMethods,
-    EchoUpstream,
-    compile_echo,
     grpc_config,
     start_echo_upstream,
     stub,
 )
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, gateway_config, issue, running, write_credentials
-
-
-@pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-@pytest.fixture
-async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
-    upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
-    yield upstream
-    await upstream.close()
 
 
 async def test_unary_reaches_upstream_as_gateway_with_metadata_both_ways(ca, ca_dir, echo, protos, client_creds):

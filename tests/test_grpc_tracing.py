@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from types import ModuleType
+from collections.abc import Iterator
 
 import grpc
 import grpc.aio
 import pytest
 
 from tests.fakes.otlp import OtlpReceiver
-from tests.grpc_support import ECHO_ID, DenyMethods, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
-from tests.support import CLIENT_ID, issue, running
+from tests.grpc_support import ECHO_ID, DenyMethods, grpc_config, stub
+from tests.support import CLIENT_ID, running
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-@pytest.fixture
-async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
-    upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
-    yield upstream
-    await upstream.close()
 
 
 @pytest.fixture

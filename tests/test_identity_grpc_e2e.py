@@ -4,25 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from types import ModuleType
 
-import pytest
-
-from tests.grpc_support import ECHO_ID, EchoUpstream, compile_echo, grpc_config, start_echo_upstream, stub
-from tests.support import GATEWAY_ID, issue, running
-
-
-@pytest.fixture(scope="module")
-def protos(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-@pytest.fixture
-async def echo(ca, protos) -> AsyncIterator[EchoUpstream]:
-    upstream = await start_echo_upstream(*protos, issue(ca, ECHO_ID))
-    yield upstream
-    await upstream.close()
+from tests.grpc_support import grpc_config, stub
+from tests.support import GATEWAY_ID, running
 
 
 async def test_grpc_calls_keep_working_across_svid_rotations(ca, ca_dir, echo, protos, client_creds):

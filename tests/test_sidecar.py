@@ -24,7 +24,7 @@ from mesh_gateway.sidecar import Sidecar, first_svid
 from mesh_gateway.sidecar_config import SidecarConfig, parse
 from mesh_gateway.sidecar_consul import connect_registrations
 from mesh_gateway.sidecar_routing import service_addressing
-from tests.grpc_support import ECHO_ID, compile_echo, start_echo_upstream
+from tests.grpc_support import ECHO_ID, start_echo_upstream
 from tests.support import CLIENT_ID, GATEWAY_ID, client_ssl, issue
 
 ORDERS_ID = "spiffe://mesh.local/ns/default/sa/orders"
@@ -222,15 +222,10 @@ def test_sidecar_without_a_ca_fails_to_start_with_a_clear_message(tmp_path, capl
     assert f"cannot start: identity (local/local): {tmp_path / 'nowhere'} is not a CA directory" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def echo_proto(tmp_path_factory):  # type: ignore[no-untyped-def]
-    return compile_echo(tmp_path_factory.mktemp("protos"))
-
-
-async def test_grpc_service_behind_the_sidecar(ca, ca_dir, echo_proto):
+async def test_grpc_service_behind_the_sidecar(ca, ca_dir, protos):
     """protocol grpc: mTLS gRPC in, the peer checked, plaintext gRPC to the app; a caller not allowed gets
     PERMISSION_DENIED and the app sees nothing."""
-    pb, pb_grpc = echo_proto
+    pb, pb_grpc = protos
     echo = await start_echo_upstream(pb, pb_grpc, None)
     config = sidecar_config(ca_dir, "echo", ECHO_ID, echo.port, inbound={
         "address": "127.0.0.1:0", "allowed_peers": [ORDERS_ID]})
