@@ -63,6 +63,23 @@ async def wait_for_serving(process: asyncio.subprocess.Process) -> tuple[int, in
     raise AssertionError("gateway exited before serving")
 
 
+async def sigterm_during_a_slow_request(client: aiohttp.ClientSession, ca, process: asyncio.subprocess.Process,
+                                        port: int, arrived: asyncio.Event, release: asyncio.Event) -> None:
+    """SIGTERM while a request is in flight: new connections are refused, and the request still completes."""
+    in_flight = asyncio.create_task(client.get(
+        f"https://127.0.0.1:{port}/slow", ssl=client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))))
+    await asyncio.wait_for(arrived.wait(), 10)
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        while not refuses_connections(port):
+            await asyncio.sleep(0.05)
+    release.set()
+    response = await asyncio.wait_for(in_flight, 10)
+    assert response.status == 200
+    assert await response.text() == "finished"
+    response.release()
+
+
 def refuses_connections(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -82,18 +99,7 @@ async def test_sigterm_finishes_in_flight_request_refuses_new_and_exits_0(ca, ca
         async with aiohttp.ClientSession() as client:
             async with client.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
                 assert ready.status == 200
-            in_flight = asyncio.create_task(client.get(
-                f"https://127.0.0.1:{port}/slow", ssl=client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))))
-            await asyncio.wait_for(arrived.wait(), 10)
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(10):
-                while not refuses_connections(port):
-                    await asyncio.sleep(0.05)
-            release.set()
-            response = await asyncio.wait_for(in_flight, 10)
-            assert response.status == 200
-            assert await response.text() == "finished"
-            response.release()
+            await sigterm_during_a_slow_request(client, ca, process, port, arrived, release)
         assert await asyncio.wait_for(process.wait(), 15) == 0
     finally:
         await reap(process)

@@ -14,8 +14,13 @@ import pytest
 import yaml
 
 from mesh_gateway import config as cfg
-from tests.support import CLIENT_ID, GATEWAY_ID, WEB_ID, client_ssl, issue, reap
-from tests.test_lifecycle import refuses_connections, start_slow_upstream, wait_for_serving
+from tests.support import GATEWAY_ID, WEB_ID, reap
+from tests.test_lifecycle import (
+    refuses_connections,
+    sigterm_during_a_slow_request,
+    start_slow_upstream,
+    wait_for_serving,
+)
 
 BASE = {
     "trust_domain": "mesh.local",
@@ -108,21 +113,10 @@ async def test_two_workers_share_the_port_and_drain_in_flight_requests_on_sigter
         pids = await both_workers_listening(process, port)
         assert process.pid not in pids  # the parent only supervises
         assert len(pids) == 2
-        ssl_context = client_ssl(ca.bundle_pem, issue(ca, CLIENT_ID))
         async with aiohttp.ClientSession() as client:
             async with client.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
                 assert ready.status == 200
-            in_flight = asyncio.create_task(client.get(f"https://127.0.0.1:{port}/slow", ssl=ssl_context))
-            await asyncio.wait_for(arrived.wait(), 10)
-            process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(10):
-                while not refuses_connections(port):
-                    await asyncio.sleep(0.05)
-            release.set()
-            response = await asyncio.wait_for(in_flight, 10)
-            assert response.status == 200
-            assert await response.text() == "finished"
-            response.release()
+            await sigterm_during_a_slow_request(client, ca, process, port, arrived, release)
         assert await asyncio.wait_for(process.wait(), 20) == 0
         assert listening_pids(port) == set()
     finally:
