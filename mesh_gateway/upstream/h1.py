@@ -94,6 +94,18 @@ class H1Forwarder:
 
     async def forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                       exchange: Exchange) -> Response:
+        """Forward with the route's timeout bounding the wait for a connection and the response head: for a caller
+        that sets no deadline of its own (the sidecar's inbound side)."""
+        return await self._forward(request, endpoint, route, exchange, route.policy.timeout_s)
+
+    async def forward_within_deadline(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
+                                      exchange: Exchange) -> Response:
+        """Forward without a timer of our own, for a caller that bounds the whole call (ResilientForwarder): a
+        second timer for the same route timeout, started later, could never end first."""
+        return await self._forward(request, endpoint, route, exchange, None)
+
+    async def _forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route, exchange: Exchange,
+                       timeout_s: float | None) -> Response:
         context = self._contexts.for_endpoint(endpoint)
         key = (endpoint.address, endpoint.port, id(context))
         pool = self._pools.get(key)
@@ -101,16 +113,14 @@ class H1Forwarder:
             pool = self._pools[key] = _Pool(self._pool_size)
         head = _request_head(request, exchange.info.content_length)
         policy = route.policy
-        try:
-            async with asyncio.timeout(policy.timeout_s):
-                await pool.slots.acquire()
-                try:
-                    conn = await self._exchange(pool, endpoint, context, route, head, request)
-                except BaseException:
-                    pool.slots.release()
-                    raise
-        except TimeoutError:
-            raise UpstreamTimeout(f"no response from {endpoint.key} within {policy.timeout_s}s") from None
+        if timeout_s is None:
+            conn = await self._open(pool, endpoint, context, route, head, request)
+        else:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    conn = await self._open(pool, endpoint, context, route, head, request)
+            except TimeoutError:
+                raise UpstreamTimeout(f"no response from {endpoint.key} within {timeout_s}s") from None
         if conn.sender is not None:
             try:
                 await _settle(conn, conn.sender)
@@ -131,6 +141,16 @@ class H1Forwarder:
             return Response(conn.status, conn.headers, _BodyStream(None, None, 0.0), endpoint.key)
         return Response(conn.status, conn.headers, _BodyStream(self, (pool, conn), policy.idle_timeout_s),
                         endpoint.key)
+
+    async def _open(self, pool: _Pool, endpoint: Endpoint, context: UpstreamContext | None, route: Route,
+                    head: bytes, request: UpstreamRequest) -> UpstreamConnection:
+        """Take a pool slot and send the request on a connection; the connection once its response head is in."""
+        await pool.slots.acquire()
+        try:
+            return await self._exchange(pool, endpoint, context, route, head, request)
+        except BaseException:
+            pool.slots.release()
+            raise
 
     async def _exchange(self, pool: _Pool, endpoint: Endpoint, context: UpstreamContext | None, route: Route,
                         head: bytes, request: UpstreamRequest) -> UpstreamConnection:

@@ -27,6 +27,7 @@ from mesh_gateway.model import Body, Catalog, Endpoint, Response, Route
 from mesh_gateway.pipeline import Exchange, Forwarder, UpstreamRequest
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
+from mesh_gateway.upstream.h1 import H1Forwarder
 from mesh_gateway.upstream.outlier import OutlierDetector
 from mesh_gateway.watch import Watch
 
@@ -105,7 +106,9 @@ class ResilientForwarder:
                  circuits: Circuits, catalog: Watch[Catalog], settings: Resilience,
                  rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self._inner = inner
+        # H1Forwarder can leave all timing to us: the attempt's timer already bounds the whole call.
+        self._send: Callable[[UpstreamRequest, Endpoint, Route, Exchange], Awaitable[Response]] = \
+            inner.forward_within_deadline if isinstance(inner, H1Forwarder) else inner.forward
         self._picker = picker
         self._outlier = outlier
         self._circuits = circuits
@@ -119,11 +122,7 @@ class ResilientForwarder:
         circuit = self._circuits.get(route.service)
         await circuit.acquire(route.policy.connect_timeout_s)
         try:
-            async with asyncio.timeout(route.policy.timeout_s):
-                response = await self._attempts(request, endpoint, route, exchange)
-        except TimeoutError:
-            circuit.release()
-            raise UpstreamTimeout(f"{route.service}: no response within {route.policy.timeout_s}s") from None
+            response = await self._attempts(request, endpoint, route, exchange)
         except BaseException:
             circuit.release()
             raise
@@ -139,25 +138,43 @@ class ResilientForwarder:
 
     async def _attempts(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                         exchange: Exchange) -> Response:
+        policy = route.policy
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole request (route timeout → 504, never retried). Each attempt runs under a single
+        # timer ending at the earlier of that deadline and its own per-try limit, rather than a scope per limit:
+        # every scope costs a timer, and the one that ends first decides which timeout it was anyway.
+        deadline = loop.time() + policy.timeout_s
+        per_try = policy.per_try_timeout_s
         body = ReplayableBody(request.body, self._settings.max_replay_bytes) if request.body is not None else None
         idempotent = request.method in IDEMPOTENT
-        per_try = route.policy.per_try_timeout_s or route.policy.timeout_s
         tried: set[str] = set()
         attempt = 0
         while True:
-            tried.add(endpoint.key)
+            to_drain: Response | None = None
             exchange.endpoint = endpoint
-            last = attempt >= route.policy.retries
+            last = attempt >= policy.retries
+            try_deadline = deadline if per_try is None else min(deadline, loop.time() + per_try)
             try:
-                response = await self._try(replace(request, body=body.stream() if body else None), endpoint,
-                                           route, exchange, per_try)
-            except GatewayError as error:
+                # Without a body the request is sent as it is; a body gets a fresh stream that replays what was kept.
+                async with asyncio.timeout_at(try_deadline):
+                    response = await self._try(request if body is None else replace(request, body=body.stream()),
+                                               endpoint, route, exchange)
+            except (GatewayError, TimeoutError) as failure:
+                if isinstance(failure, TimeoutError):
+                    if try_deadline >= deadline:
+                        raise _route_timeout(route) from None
+                    error: GatewayError = UpstreamTimeout(
+                        f"{endpoint.key}: no response within the per-try timeout {per_try}s")
+                else:
+                    error = failure
                 if not isinstance(error, UpstreamUnavailable | UpstreamTimeout | UpstreamIdentityMismatch):
                     raise
                 self._outlier.failure(route.service, endpoint, self._set_size(route.service))
                 nothing_sent = isinstance(error, NOTHING_SENT) and (body is None or not body.pulled)
                 if last or not (nothing_sent or (idempotent and (body is None or body.replayable))):
-                    raise
+                    if error is failure:
+                        raise
+                    raise error from None
             else:
                 if response.status >= 500:
                     self._outlier.failure(route.service, endpoint, self._set_size(route.service))
@@ -165,22 +182,26 @@ class ResilientForwarder:
                     self._outlier.success(route.service, endpoint)
                 if response.status != 503 or last or not idempotent or (body is not None and not body.replayable):
                     return response
-                await _drain(response)
+                to_drain = response
+            tried.add(endpoint.key)
             attempt += 1
             exchange.retries = attempt
-            await self._sleep(self._settings.retry_backoff_s * 2 ** (attempt - 1) * self._rng.uniform(0.5, 1.5))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if to_drain is not None:
+                        await _drain(to_drain)
+                    await self._sleep(
+                        self._settings.retry_backoff_s * 2 ** (attempt - 1) * self._rng.uniform(0.5, 1.5))
+            except TimeoutError:
+                raise _route_timeout(route) from None
             endpoint = self._picker.pick_from(self._catalog.get().get(route.service), route, frozenset(tried))
 
-    async def _try(self, request: UpstreamRequest, endpoint: Endpoint, route: Route, exchange: Exchange,
-                   per_try_s: float) -> Response:
+    async def _try(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
+                   exchange: Exchange) -> Response:
         self._picker.started(endpoint)
         try:
-            async with asyncio.timeout(per_try_s):
-                response = await self._inner.forward(request, endpoint, route, exchange)
-        except TimeoutError:
-            self._picker.finished(endpoint)
-            raise UpstreamTimeout(f"{endpoint.key}: no response within the per-try timeout {per_try_s}s") from None
-        except BaseException:
+            response = await self._send(request, endpoint, route, exchange)
+        except BaseException:  # incl. the cancellation by the attempt's timer
             self._picker.finished(endpoint)
             raise
         if isinstance(response.body, bytes):
@@ -188,6 +209,10 @@ class ResilientForwarder:
         else:
             response.body = TrackedBody(response.body, lambda: self._picker.finished(endpoint))
         return response
+
+
+def _route_timeout(route: Route) -> UpstreamTimeout:
+    return UpstreamTimeout(f"{route.service}: no response within {route.policy.timeout_s}s")
 
 
 async def _drain(response: Response) -> None:
