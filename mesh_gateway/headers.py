@@ -21,18 +21,28 @@ SPOOFABLE_PREFIXES = ("x-spiffe-",)
 FRAMING = frozenset({"content-length", "host"})
 
 
+# Everything upstream_request_headers drops from the inbound headers before adding the gateway's own.
+_NOT_FORWARDED = HOP_BY_HOP | SPOOFABLE | FRAMING | {"x-forwarded-for", "x-request-id"}
+
+
 def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     listed: set[str] = set()
     for name, value in headers:
         if name == "connection":
-            listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+            for token in value.lower().split(","):
+                token = token.strip()
+                if token:
+                    listed.add(token)
     return frozenset(listed)
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    headers = list(headers)
-    drop = HOP_BY_HOP | connection_listed(headers)
-    return [(n, v) for n, v in headers if n not in drop]
+    if not isinstance(headers, list | tuple):
+        headers = list(headers)
+    listed = connection_listed(headers)
+    if listed:
+        return [header for header in headers if header[0] not in HOP_BY_HOP and header[0] not in listed]
+    return [header for header in headers if header[0] not in HOP_BY_HOP]
 
 
 def sanitise_inbound(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -46,11 +56,24 @@ def xfcc(gateway_id: SpiffeId, client_id: SpiffeId) -> str:
 
 def upstream_request_headers(info: RequestInfo, gateway_id: SpiffeId, *, add: Headers = (),
                              remove: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """Headers to send upstream for `info`, after an authz decision's `headers`/`request_headers_to_remove`."""
-    removed = frozenset(name.lower() for name in remove) | FRAMING
-    out = [(n, v) for n, v in sanitise_inbound(info.headers) if n not in removed]
-    forwarded_for = info.header("x-forwarded-for")
-    out = [(n, v) for n, v in out if n not in ("x-forwarded-for", "x-request-id")]
+    """Headers to send upstream for `info`, after an authz decision's `headers`/`request_headers_to_remove`.
+
+    One pass over the inbound headers (this runs for every request): hop-by-hop, Connection-listed, spoofable,
+    framing and removed headers are dropped together, then the gateway's own are appended."""
+    headers = info.headers
+    listed = connection_listed(headers)
+    drop = _NOT_FORWARDED
+    if listed or remove:
+        drop = drop | listed | {name.lower() for name in remove}
+    forwarded_for: str | None = None
+    out: list[tuple[str, str]] = []
+    for header in headers:
+        name = header[0]
+        if name in drop:
+            if forwarded_for is None and name == "x-forwarded-for":
+                forwarded_for = header[1]  # the first one, as the client (or the hop before) sent it
+        elif not name.startswith(SPOOFABLE_PREFIXES):
+            out.append(header)
     out.append(("x-forwarded-for", f"{forwarded_for}, {info.client_address}" if forwarded_for
                 else info.client_address))
     out.append(("x-forwarded-proto", info.scheme))
@@ -69,5 +92,6 @@ def upstream_request_headers(info: RequestInfo, gateway_id: SpiffeId, *, add: He
 
 def downstream_response_headers(headers: Iterable[tuple[str, str]], *, add: Headers = ()) -> list[tuple[str, str]]:
     out = strip_hop_by_hop(headers)
-    out.extend(add)
+    if add:
+        out.extend(add)
     return out

@@ -96,3 +96,34 @@ def test_spiffe_parse_never_raises_anything_but_value_error(text: str) -> None:
     except ValueError:
         return
     assert str(parsed) == text
+
+
+def _step_by_step(info: RequestInfo, gateway: SpiffeId, add: tuple[tuple[str, str], ...],
+                  remove: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The rules of upstream_request_headers applied one at a time (it does them in one pass)."""
+    removed = {name.lower() for name in remove} | {"content-length", "host", "x-forwarded-for", "x-request-id"}
+    out = [(n, v) for n, v in sanitise_inbound(info.headers) if n not in removed]
+    forwarded_for = info.header("x-forwarded-for")
+    out += [("x-forwarded-for", f"{forwarded_for}, {info.client_address}" if forwarded_for else info.client_address),
+            ("x-forwarded-proto", info.scheme), ("x-forwarded-host", info.host), ("x-request-id", info.request_id)]
+    if info.peer_spiffe_id is not None:
+        out.append(("x-forwarded-client-cert", f"By={gateway};URI={info.peer_spiffe_id}"))
+    replaced = {n.lower() for n, _ in add}
+    return [(n, v) for n, v in out if n not in replaced] + [(n.lower(), v) for n, v in add]
+
+
+_NAMES = st.sampled_from(["connection", "x-a", "te", "x-b", "host", "content-length", "x-forwarded-for",
+                          "x-request-id", "x-spiffe-id", "forwarded", "x-forwarded-proto", "keep-alive"])
+
+
+@given(st.lists(st.tuples(_NAMES, st.text(alphabet="abx-, ", max_size=12)), max_size=8),
+       st.lists(st.tuples(st.sampled_from(["X-A", "x-b", "X-Request-Id"]), st.text(max_size=3)), max_size=2),
+       st.lists(st.sampled_from(["X-A", "te", "x-b"]), max_size=2), st.booleans())
+def test_upstream_headers_in_one_pass_follow_the_rules_step_by_step(
+        headers: list[tuple[str, str]], add: list[tuple[str, str]], remove: list[str], with_peer: bool) -> None:
+    gateway = SpiffeId.parse("spiffe://mesh.local/gw")
+    peer = PeerCert(SpiffeId.parse("spiffe://mesh.local/client")) if with_peer else None
+    info = RequestInfo(method="GET", path="/", query="", host="h", scheme="https", headers=tuple(headers),
+                       client_address="10.0.0.9", client_port=1, request_id="rid", peer=peer)
+    assert upstream_request_headers(info, gateway, add=tuple(add), remove=tuple(remove)) == \
+        _step_by_step(info, gateway, tuple(add), tuple(remove))
