@@ -60,22 +60,21 @@ class Endpoint:
     spiffe_id: SpiffeId | None = None
     tls: TlsMode = "mtls"
     meta: tuple[tuple[str, str], ...] = ()
+    # The endpoint's name in pools, counters and logs, read several times per request: built once.
+    key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         if self.tls == "mtls" and self.spiffe_id is None:
             raise ValueError(f"endpoint {self.address}:{self.port} uses mtls but has no spiffe_id")
-
-    @property
-    def key(self) -> str:
-        return self.authority
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        object.__setattr__(self, "key", f"{host}:{self.port}")
 
     @property
     def authority(self) -> str:
         """host:port as it goes in a URL; IPv6 literals in brackets."""
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        return self.key
 
 
 @dataclass(frozen=True, slots=True)

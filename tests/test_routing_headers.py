@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mesh_gateway.errors import NotFound
 from mesh_gateway.headers import sanitise_inbound, strip_hop_by_hop, upstream_request_headers
-from mesh_gateway.model import PeerCert, RequestInfo, Route, RouteMatch, RouteTable, SpiffeId
+from mesh_gateway.model import Endpoint, PeerCert, RequestInfo, Route, RouteMatch, RouteTable, SpiffeId
 from mesh_gateway.routing import compile_routes, normalise_host
 
 
@@ -127,3 +127,12 @@ def test_upstream_headers_in_one_pass_follow_the_rules_step_by_step(
                        client_address="10.0.0.9", client_port=1, request_id="rid", peer=peer)
     assert upstream_request_headers(info, gateway, add=tuple(add), remove=tuple(remove)) == \
         _step_by_step(info, gateway, tuple(add), tuple(remove))
+
+
+@pytest.mark.parametrize(("address", "key"), [("10.0.0.1", "10.0.0.1:8443"), ("::1", "[::1]:8443"),
+                                              ("web.internal", "web.internal:8443")])
+def test_endpoint_key_is_its_url_authority_and_not_part_of_its_identity(address: str, key: str) -> None:
+    endpoint = Endpoint(address, 8443, tls="plain")
+    assert endpoint.key == endpoint.authority == key
+    same = Endpoint(address, 8443, tls="plain")
+    assert endpoint == same and hash(endpoint) == hash(same)
