@@ -70,13 +70,23 @@ class Metrics:
                                             ("listener",), registry=r)
         self._discovery = _DiscoveryAge(clock)
         r.register(self._discovery)
+        # `.labels(...)` costs ~1 µs (argument checks, a lock, a dict lookup under it): the label children of the
+        # per-request series are looked up once per (route, method, status) and kept. The dict grows exactly as
+        # the series themselves do, so it is as bounded as their label values.
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     # -- called by the edge on completion -------------------------------------------------------------------
     def request_done(self, exchange: Exchange, duration_s: float) -> None:
         route = exchange.route.name if exchange.route else NO_ROUTE
         method = exchange.info.method if exchange.info.method in KNOWN_METHODS else "OTHER"
-        self.requests.labels(route, method, str(exchange.status)).inc()
-        self.request_duration.labels(route).observe(duration_s)
+        key = (route, method, exchange.status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (self.requests.labels(route, method, str(exchange.status)),
+                                                  self.request_duration.labels(route))
+        count, duration = series
+        count.inc()
+        duration.observe(duration_s)
         if exchange.route is not None:
             service = exchange.route.service
             if isinstance(exchange.error, UpstreamUnavailable | UpstreamIdentityMismatch):
