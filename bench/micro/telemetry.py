@@ -158,6 +158,7 @@ CASES: dict[str, Case] = {
     "all, trace 100 %, OTLP encode": (1.0, "otlp_http", None, ALL),
     "all, tracing section absent (exporter none)": (None, "none", None, ALL),
     "part: trace 1 % only": (0.01, "otlp_http", None, frozenset({"trace"})),
+    "part: trace 0 % only (the unsampled path alone)": (0.0, "otlp_http", None, frozenset({"trace"})),
     "part: metrics only": (0.01, "otlp_http", None, frozenset({"metrics"})),
     "part: access log only": (0.01, "otlp_http", None, frozenset({"log"})),
     "baseline: nothing on (loop overhead)": (0.01, "otlp_http", None, frozenset()),

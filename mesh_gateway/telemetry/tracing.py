@@ -234,7 +234,7 @@ class OtelTracer:
         sampled = parent.trace_flags.sampled if parent.is_valid else self._rng.random() < self._ratio
         if not sampled or self._tracer is None:
             trace_id = parent.trace_id if parent.is_valid else self._rng.getrandbits(128) or 1
-            return _QuietSpan(self, trace_id, self._new_span_id(), sampled, base,
+            return _QuietSpan(self, f"{trace_id:032x}", None, sampled, base,
                               parent.trace_state if parent.is_valid else None)
         if parent.is_valid and base is _EMPTY:
             base = set_span_in_context(NonRecordingSpan(parent), base)
@@ -243,16 +243,16 @@ class OtelTracer:
         return _LiveSpan(self, span, base, SpanKind.SERVER)
 
     def child(self, parent: object, name: str, *, client: bool = False) -> _LiveSpan | _QuietSpan:
+        if isinstance(parent, _QuietSpan):  # first: the common case by far
+            return _QuietSpan(self, parent.trace_id, None, parent.sampled, parent.base, parent.state)
         if isinstance(parent, _LiveSpan) and self._tracer is not None:
             kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
             context = parent.context
             return _LiveSpan(self, self._tracer.start_span(name, context=context, kind=kind), context, kind)
-        if isinstance(parent, _QuietSpan):
-            return _QuietSpan(self, parent.trace, self._new_span_id(), parent.sampled, parent.base, parent.state)
-        return _QuietSpan(self, 0, 0, False, _EMPTY, None)  # no parent to follow: propagate nothing
+        return _QuietSpan(self, "", "", False, _EMPTY, None)  # no parent to follow: propagate nothing
 
-    def _new_span_id(self) -> int:
-        return self._rng.getrandbits(64) or 1
+    def new_span_id(self) -> str:
+        return f"{self._rng.getrandbits(64) or 1:016x}"
 
     def inject(self, context: Context, headers: list[tuple[str, str]]) -> None:
         carrier: dict[str, str] = {}
@@ -323,26 +323,27 @@ class _LiveSpan:
 
 
 class _QuietSpan:
-    """A span that is not recorded: ids, the sampled flag and inbound baggage/tracestate, nothing else."""
+    """A span that is not recorded: ids, the sampled flag and inbound baggage/tracestate, nothing else.
 
-    __slots__ = ("base", "sampled", "span", "state", "trace", "tracer")
+    Ids are kept as the hex text they are written as (traceparent, access log), formatted once. The span id is
+    drawn on first use: most child spans (authz) are never asked for theirs."""
 
-    def __init__(self, tracer: OtelTracer, trace: int, span: int, sampled: bool, base: Context,
+    __slots__ = ("_span_id", "base", "sampled", "state", "trace_id", "tracer")
+
+    def __init__(self, tracer: OtelTracer, trace_id: str, span_id: str | None, sampled: bool, base: Context,
                  state: TraceState | None) -> None:
         self.tracer = tracer
-        self.trace = trace
-        self.span = span
+        self.trace_id = trace_id  # "" when there is no trace to follow
+        self._span_id = span_id  # None: not drawn yet
         self.sampled = sampled
         self.base = base
         self.state = state
 
     @property
-    def trace_id(self) -> str:
-        return format(self.trace, "032x") if self.trace else ""
-
-    @property
     def span_id(self) -> str:
-        return format(self.span, "016x") if self.span else ""
+        if self._span_id is None:
+            self._span_id = self.tracer.new_span_id()
+        return self._span_id
 
     def set(self, key: str, value: AttributeValue) -> None:
         pass
@@ -354,14 +355,15 @@ class _QuietSpan:
         pass
 
     def inject(self, headers: list[tuple[str, str]]) -> None:
-        if not self.trace:
+        if not self.trace_id:
             return
         if self.tracer.w3c_only and self.base is _EMPTY and not self.state:
             headers[:] = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
-            headers.append(("traceparent", f"00-{self.trace:032x}-{self.span:016x}-{int(self.sampled):02x}"))
+            headers.append(("traceparent", f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"))
             return
         flags = TraceFlags(TraceFlags.SAMPLED if self.sampled else TraceFlags.DEFAULT)
-        context = SpanContext(self.trace, self.span, is_remote=False, trace_flags=flags, trace_state=self.state)
+        context = SpanContext(int(self.trace_id, 16), int(self.span_id, 16), is_remote=False, trace_flags=flags,
+                              trace_state=self.state)
         self.tracer.inject(set_span_in_context(NonRecordingSpan(context), self.base), headers)
 
     def end(self) -> None:
