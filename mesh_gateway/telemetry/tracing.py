@@ -46,7 +46,8 @@ _STATUS_KEY = "http.response.status_code"
 _EMPTY = Context()
 # The common inbound case, a lone version-00 traceparent, is parsed here; anything else goes to the propagators.
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_NO_PARENT = SpanContext(0, 0, is_remote=False)
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 _SAMPLED = TraceFlags.SAMPLED
 _RANDOM_TRACE_ID = TraceFlags.RANDOM_TRACE_ID  # W3C trace-context level 2: the trace id is random
 _UNSET = Status(StatusCode.UNSET)
@@ -94,31 +95,26 @@ class OtelTracer:
             if name in TRACE_HEADERS:
                 carrier = carrier if carrier is not None else {}
                 carrier[name] = f"{carrier[name]},{value}" if name in carrier else value
-        base = _EMPTY
-        parent = _NO_PARENT
-        if carrier is not None:
-            found = _TRACEPARENT_00.fullmatch(carrier["traceparent"]) if carrier.keys() == {"traceparent"} else None
-            if found is not None:
-                parent = SpanContext(int(found[1], 16), int(found[2], 16), is_remote=True,
-                                     trace_flags=TraceFlags(int(found[3], 16) & TraceFlags.SAMPLED))
-            else:
-                for propagator in _EXTRACTORS:
-                    base = propagator.extract(carrier, context=base)
-                parent = get_current_span(base).get_span_context()
-        sampled = parent.trace_flags.sampled if parent.is_valid else self._rng.random() < self._ratio
-        if not sampled or self._queue is None:
-            trace_id = parent.trace_id if parent.is_valid else self._rng.getrandbits(128) or 1
-            return _QuietSpan(self, f"{trace_id:032x}", None, sampled, base,
-                              parent.trace_state if parent.is_valid else None)
-        if parent.is_valid:
-            context = SpanContext(parent.trace_id, self._rng.getrandbits(64) or 1, is_remote=False,
+        if carrier is not None and (trace_id := _unsampled_traceparent(carrier)) is not None:
+            return _QuietSpan(self, trace_id, None, False, _EMPTY, None)  # the common inbound case, kept cheap
+        base, parent = (_EMPTY, None) if carrier is None else _extract(carrier)
+        rng = self._rng
+        if parent is None:  # a new trace: the ratio decides
+            sampled = rng.random() < self._ratio
+            if not sampled or self._queue is None:
+                return _QuietSpan(self, f"{rng.getrandbits(128) or 1:032x}", None, sampled, base, None)
+            # Our own random trace id, flagged as such (W3C trace-context level 2), as the SDK does.
+            context = SpanContext(rng.getrandbits(128) or 1, rng.getrandbits(64) or 1, is_remote=False,
+                                  trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID))
+        else:  # the client's decision is followed either way
+            sampled = parent.trace_flags.sampled
+            if not sampled or self._queue is None:
+                return _QuietSpan(self, f"{parent.trace_id:032x}", None, sampled, base, parent.trace_state)
+            context = SpanContext(parent.trace_id, rng.getrandbits(64) or 1, is_remote=False,
                                   trace_flags=TraceFlags(_SAMPLED | (parent.trace_flags & _RANDOM_TRACE_ID)),
                                   trace_state=parent.trace_state)
-        else:  # our own random trace id, flagged as such (W3C trace-context level 2), as the SDK does
-            context = SpanContext(self._rng.getrandbits(128) or 1, self._rng.getrandbits(64) or 1, is_remote=False,
-                                  trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID))
-        return _LiveSpan(self, info.method if info.method in KNOWN_METHODS else "HTTP", context,
-                         parent if parent.is_valid else None, SpanKind.SERVER, base, server_attributes(info))
+        return _LiveSpan(self, info.method if info.method in KNOWN_METHODS else "HTTP", context, parent,
+                         SpanKind.SERVER, base, server_attributes(info))
 
     def child(self, parent: object, name: str, *, client: bool = False) -> _LiveSpan | _QuietSpan:
         if isinstance(parent, _QuietSpan):  # first: the common case by far
@@ -160,6 +156,28 @@ class OtelTracer:
 
     def force_flush(self, timeout_s: float = 5.0) -> bool:
         return self._queue.force_flush(int(timeout_s * 1000)) if self._queue else True
+
+
+def _unsampled_traceparent(carrier: dict[str, str]) -> str | None:
+    """The trace id if the headers are just a valid version-00 traceparent with the sampled flag clear."""
+    found = _TRACEPARENT_00.fullmatch(carrier["traceparent"]) if carrier.keys() == {"traceparent"} else None
+    if found is None or int(found[3], 16) & TraceFlags.SAMPLED or found[1] == _ZERO_TRACE or found[2] == _ZERO_SPAN:
+        return None
+    return found[1]
+
+
+def _extract(carrier: dict[str, str]) -> tuple[Context, SpanContext | None]:
+    """The inbound context (baggage, B3/W3C span) and the client's span if the headers carry a valid one."""
+    found = _TRACEPARENT_00.fullmatch(carrier["traceparent"]) if carrier.keys() == {"traceparent"} else None
+    if found is not None:
+        parent = SpanContext(int(found[1], 16), int(found[2], 16), is_remote=True,
+                             trace_flags=TraceFlags(int(found[3], 16) & TraceFlags.SAMPLED))
+        return _EMPTY, parent if parent.is_valid else None
+    base = _EMPTY
+    for propagator in _EXTRACTORS:
+        base = propagator.extract(carrier, context=base)
+    parent = get_current_span(base).get_span_context()
+    return base, parent if parent.is_valid else None
 
 
 class _LiveSpan:

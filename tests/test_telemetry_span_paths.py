@@ -1,4 +1,7 @@
-"""Recorded spans are built without the SDK's Tracer: what reaches the exporter is what the SDK would have sent."""
+"""The tracer's own fast paths give the results the SDK's general path gave.
+
+Recorded spans are built without the SDK's Tracer: what reaches the exporter is what the SDK would have sent. A lone
+unsampled traceparent is followed without the propagators: same trace id upstream, invalid ids still refused."""
 
 from __future__ import annotations
 
@@ -95,3 +98,33 @@ def test_a_new_sampled_trace_is_flagged_random_and_an_inbound_one_keeps_its_flag
     tracer.child(tracer.ingress(info), "upstream", client=True).inject(headers)
     assert dict(headers)["traceparent"].startswith(f"00-{CLIENT_TRACE}-") and headers[0][1].endswith("-01")
     tracer.shutdown()
+
+
+def test_a_lone_unsampled_traceparent_is_followed_and_an_all_zero_one_is_not():
+    sink = Sink()
+    tracer = OtelTracer(cfg.Tracing(sampling_ratio=1.0), service_name="gw", service_version="1", instance_id="i",
+                        exporter=sink)
+    for traceparent, follows in [(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00", True),
+                                 (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-02", True),
+                                 (f"00-{'0' * 32}-{CLIENT_SPAN}-00", False),
+                                 (f"00-{CLIENT_TRACE}-{'0' * 16}-00", False)]:
+        info = RequestInfo(method="GET", path="/a", query="", host="h", scheme="https", client_address="",
+                           client_port=0, headers=(("traceparent", traceparent),), request_id="r")
+        ingress = tracer.ingress(info)
+        headers: list[tuple[str, str]] = [("traceparent", traceparent)]
+        upstream = tracer.child(ingress, "upstream", client=True)
+        upstream.inject(headers)
+        [(header, sent)] = headers
+        assert header == "traceparent"
+        _, trace_id, parent_id, flags = sent.split("-")
+        if follows:  # same trace, our span as the parent, still unsampled: nothing recorded
+            assert (ingress.trace_id, trace_id, flags) == (CLIENT_TRACE, CLIENT_TRACE, "00")
+            assert parent_id == upstream.span_id
+            assert ingress.span_id != upstream.span_id
+        else:  # an invalid parent starts a new trace, sampled at ratio 1
+            assert trace_id not in (CLIENT_TRACE, "0" * 32) and flags == "03"
+        upstream.end()
+        ingress.end()
+    assert tracer.force_flush()
+    tracer.shutdown()
+    assert len(sink.spans) == 4  # the two new traces' ingress and upstream spans only
