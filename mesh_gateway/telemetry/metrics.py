@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from mesh_gateway.errors import UpstreamIdentityMismatch, UpstreamUnavailable
 from mesh_gateway.model import BodyPrefix, Decision, RequestInfo, Route
+from mesh_gateway.telemetry.request_series import RequestSeries
 from mesh_gateway.telemetry.semconv import KNOWN_METHODS
 
 if TYPE_CHECKING:
@@ -44,11 +45,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         r = self.registry
-        self.requests = Counter("mesh_gateway_requests", "Requests answered, by route, method and status code.",
-                                ("route", "method", "code"), registry=r)
-        self.request_duration = Histogram("mesh_gateway_request_duration_seconds",
-                                          "Time from request head to the last response byte.", ("route",),
-                                          buckets=_BUCKETS, registry=r)
+        self._requests = RequestSeries(_BUCKETS)  # requests_total and request_duration_seconds, lock-free
+        r.register(self._requests)
         self.upstream_connect_errors = Counter("mesh_gateway_upstream_connect_errors",
                                                "Upstream connections that failed or were rejected.",
                                                ("service", "reason"), registry=r)
@@ -70,23 +68,12 @@ class Metrics:
                                             ("listener",), registry=r)
         self._discovery = _DiscoveryAge(clock)
         r.register(self._discovery)
-        # `.labels(...)` costs ~1 µs (argument checks, a lock, a dict lookup under it): the label children of the
-        # per-request series are looked up once per (route, method, status) and kept. The dict grows exactly as
-        # the series themselves do, so it is as bounded as their label values.
-        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     # -- called by the edge on completion -------------------------------------------------------------------
     def request_done(self, exchange: Exchange, duration_s: float) -> None:
         route = exchange.route.name if exchange.route else NO_ROUTE
         method = exchange.info.method if exchange.info.method in KNOWN_METHODS else "OTHER"
-        key = (route, method, exchange.status)
-        series = self._request_series.get(key)
-        if series is None:
-            series = self._request_series[key] = (self.requests.labels(route, method, str(exchange.status)),
-                                                  self.request_duration.labels(route))
-        count, duration = series
-        count.inc()
-        duration.observe(duration_s)
+        self._requests.observe(route, method, exchange.status, duration_s)
         if exchange.route is not None:
             service = exchange.route.service
             if isinstance(exchange.error, UpstreamUnavailable | UpstreamIdentityMismatch):
