@@ -1,16 +1,8 @@
 """HTTP/1.1 at the edge: httptools (llhttp) on an asyncio Protocol, each request → `RequestHead` → the edge core.
 
-The default HTTP/1.1 server (`listeners[].server: h1`); aiohttp's costs about twice the CPU per request
-(docs/performance.md). What it does, as a user of Envoy or nginx expects:
-- keep-alive (HTTP/1.1 default, HTTP/1.0 on request) and pipelining: requests are answered in order, one at a time;
-- request bodies stream to the pipeline with backpressure: reading pauses while more than `_HIGH_WATER` bytes wait;
-  `Expect: 100-continue` is answered only when the pipeline starts reading the body (routed and authorized);
-- responses are framed by content-length, chunked (HTTP/1.1) or connection close (HTTP/1.0), with a Date header;
-- limits: a head over twice the listener's limits is refused (414/431) before it is complete, so nothing unbounded
-  is buffered; within that, edges/http.py applies the exact limits; `idle_timeout_s` bounds both the wait for the
-  next request and how long a client may take to send a head; an unparsable request gets 400 and a close;
-- WebSocket upgrades are handed, with the connection, to aiohttp (edges/http_aiohttp.py → edges/websocket.py);
-  other upgrades (e.g. `h2c`) are ignored, as RFC 9110 allows, and the request is served as plain HTTP/1.1.
+The default HTTP/1.1 server (`listeners[].server: h1`): keep-alive, pipelining, streamed bodies with backpressure,
+100-continue after admission, framing chosen here, heads over twice the limits refused before they complete,
+WebSocket upgrades handed with the connection to aiohttp, other upgrades ignored. docs/protocols.md has the rules.
 """
 
 from __future__ import annotations
@@ -102,6 +94,7 @@ class H1Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._fields: list[tuple[str, str]] = []
         self._head_bytes = 0
+        self._line_cap = 2 * self._limits.max_request_line_bytes
         self._head_cap = 2 * (self._limits.max_header_bytes + self._limits.max_request_line_bytes)
         self._in_head = False
         self._receiving: _Request | None = None
@@ -183,7 +176,7 @@ class H1Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._head_bytes += len(url)
-        if self._head_bytes > 2 * self._limits.max_request_line_bytes:
+        if len(url) > self._line_cap or (len(self._url) > 1 and sum(map(len, self._url)) > self._line_cap):
             self._oversize = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
