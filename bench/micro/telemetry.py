@@ -121,27 +121,31 @@ def build(root: Path, case: Case) -> tuple[Callable[[RequestInfo], None], Any]:
         exchange = Exchange(info, span=tracer.ingress(info))
         # Pipeline.route
         exchange.route = route
-        exchange.span.rename(f"{info.method} {route.name}")
-        exchange.span.set("http.route", route.name)
+        if exchange.span.recording:
+            exchange.span.rename(f"{info.method} {route.name}")
+            exchange.span.set("http.route", route.name)
         # Pipeline._authorize
         span = tracer.child(exchange.span, "authz")
         exchange.decision = decision
-        span.set("mesh.authz.allowed", decision.allowed)
-        span.set("mesh.authz.decision_id", decision.decision_id)
-        span.set("mesh.authz.policy_revision", decision.policy_revision)
-        span.set("mesh.authz.engine", decision.engine)
+        if span.recording:
+            span.set("mesh.authz.allowed", decision.allowed)
+            span.set("mesh.authz.decision_id", decision.decision_id)
+            span.set("mesh.authz.policy_revision", decision.policy_revision)
+            span.set("mesh.authz.engine", decision.engine)
         span.end()
         exchange.endpoint = endpoint
         # Pipeline._forward
         headers = list(upstream_headers)  # Pipeline.upstream_headers builds a fresh list per request
         span = tracer.child(exchange.span, "upstream", client=True)
-        span.set("server.address", endpoint.address)
-        span.set("server.port", endpoint.port)
-        if endpoint.spiffe_id is not None:
-            span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
+        if span.recording:
+            span.set("server.address", endpoint.address)
+            span.set("server.port", endpoint.port)
+            if endpoint.spiffe_id is not None:
+                span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
         span.inject(headers)
-        span.set("http.response.status_code", 200)
-        span.set("mesh.upstream.retries", exchange.retries)
+        if span.recording:
+            span.set("http.response.status_code", 200)
+            span.set("mesh.upstream.retries", exchange.retries)
         span.end()
         # HttpEdge._write → finish
         edge.finish(exchange, 200, 24)

@@ -188,6 +188,7 @@ class _LiveSpan:
 
     __slots__ = ("_attributes", "_failed", "_kind", "_name", "_parent", "_start_ns", "_status", "_tracer", "base",
                  "span_context")
+    recording = True
 
     def __init__(self, tracer: OtelTracer, name: str, span_context: SpanContext, parent: SpanContext | None,
                  kind: SpanKind, base: Context, attributes: dict[str, AttributeValue]) -> None:
@@ -257,6 +258,7 @@ class _QuietSpan:
     drawn on first use: most child spans (authz) are never asked for theirs."""
 
     __slots__ = ("_span_id", "base", "sampled", "state", "trace_id", "tracer")
+    recording = False
 
     def __init__(self, tracer: OtelTracer, trace_id: str, span_id: str | None, sampled: bool, base: Context,
                  state: TraceState | None) -> None:
