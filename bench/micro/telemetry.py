@@ -7,12 +7,14 @@ variant's telemetry section: JSON access log to a file, metrics on, OTLP tracing
 the telemetry calls the edge and pipeline make: `tracer.ingress`, Exchange creation, route rename/set, the authz
 child span with its four attributes, the upstream client child span with its attributes and `inject` into the
 upstream headers, `HttpEdge.finish` (status attribute, ingress `end`, the completion hooks: `Gateway._completed`
-→ metrics + access log). The authorizer, forwarder and codec work are not included. Spans that are recorded are
+→ metrics + access log). The authorizer (and MeteredAuthorizer's timing), forwarder and codec work are not
+included. The access log really writes, to a file in a temp dir, in 64 KiB batches. Spans that are recorded are
 encoded to OTLP protobuf by an in-process exporter on the export thread (what the OTLP/HTTP exporter does before
 its POST); the queue is flushed inside each timed repetition so that work is counted (process_time covers every
 thread).
 
-Prints CPU µs per request (time.process_time), best of `--repeat` repetitions.
+Prints CPU µs per request (time.process_time), best of `--repeat` repetitions. The `part:` cases switch the other
+parts off to attribute the cost; `baseline` is the loop with everything off (Exchange creation, no-op spans).
 """
 
 from __future__ import annotations
