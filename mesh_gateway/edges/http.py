@@ -227,8 +227,10 @@ class HttpEdge:
         """Close the books on one exchange (any codec on this listener: HTTP/1.1, HTTP/2, WebSocket)."""
         exchange.status = status
         exchange.bytes_out = sent
-        exchange.span.set("http.response.status_code", status)
-        exchange.span.end()
+        span = exchange.span
+        if span.recording:
+            span.set("http.response.status_code", status)
+        span.end()
         for hook in self.on_complete:
             try:
                 hook(exchange)
