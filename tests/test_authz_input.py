@@ -134,3 +134,19 @@ def test_body_fields_in_input():
     assert document["truncated_body"] is False
     assert document["attributes"]["request"]["http"]["body"] == '{"amount": 5}'
     assert document["attributes"]["request"]["http"]["size"] == 13
+
+
+@given(st.lists(st.sampled_from(["a", "B", ".", "..", "...", ".x", "", "%2e", "%41", "%2f", "%zz", "x;y", "é", "\\",
+                                 "\x00", "\x7f", "c d", "~"]), max_size=8), st.booleans())
+def test_already_normal_paths_take_the_fast_path_with_the_same_result(parts, leading_slash):
+    # normalise_path skips the work for a path with nothing to normalise; it must agree with the full algorithm.
+    from mesh_gateway.paths import _normalise
+
+    raw = ("/" if leading_slash else "") + "/".join(parts)
+    try:
+        expected = _normalise(raw)
+    except UnsafePath:
+        with pytest.raises(UnsafePath):
+            normalise_path(raw)
+        return
+    assert normalise_path(raw) == expected
