@@ -67,6 +67,11 @@ class DecisionLog:
         self._lines = LineBuffer(out, name="decision log", flush_interval_s=flush_interval_s) if out else None
 
     @property
+    def enabled(self) -> bool:
+        """False for sink `off`: callers need not build records that write() would drop."""
+        return self._lines is not None
+
+    @property
     def dropped(self) -> int:
         return self._lines.lost if self._lines else 0
 
