@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_gateway.authz.decision_log import REDACTED, DecisionRecord, MicrosecondStamps, decision_line
+from mesh_gateway.authz.decision_log import REDACTED, DecisionRecord, decision_line
+from mesh_gateway.authz.stamps import MicrosecondStamps
 
 text = st.text(max_size=20)  # any unicode: quotes, backslashes, control characters, astral-plane characters
 REDACT = frozenset({"authorization", "cookie"})
@@ -43,10 +44,11 @@ def test_line_matches_json_dumps(record: DecisionRecord) -> None:
 
 @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
 def test_stamps_match_datetime_isoformat(now: float) -> None:
-    stamps = MicrosecondStamps()
+    stamps, zulu = MicrosecondStamps(), MicrosecondStamps(suffix="Z")
     expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds")
     assert stamps(now) == expected
     assert stamps(now) == expected  # the cached second gives the same text
+    assert zulu(now) == expected.replace("+00:00", "Z")  # input.attributes.request.time
 
 
 def test_stamps_across_seconds_and_rounding_carry() -> None:

@@ -53,6 +53,10 @@ CASES: dict[str, tuple[RequestInfo, str, SpiffeId | None, BodyPrefix | None]] = 
                        BodyPrefix(b'{"amount": 5}', False)),
     "truncated-body": (_info(method="PUT", content_length=99), "/api/orders", GATEWAY,
                        BodyPrefix(b'{"amount": ', True)),
+    "connection-listed": (_info(headers=(("x-secret", "1"), ("te", "trailers"), ("connection", "close, X-Secret"),
+                                         ("x-spiffe-foo", "f"), ("forwarded", "for=x"), ("accept", "*/*"),
+                                         ("x-secret", "2"), ("proxy-authorization", "Basic x"))),
+                          "/api", GATEWAY, None),
     "unicode-path": (_info(path="/caf%C3%A9/\u00e9"), "/caf%C3%A9/\u00e9", GATEWAY, None),
 }
 

@@ -10,16 +10,15 @@ buffer fills: a decision never waits on a write to a slow stderr pipe or disk.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _quote  # the C escaper json.dumps(ensure_ascii=True) uses
 from pathlib import Path
 from typing import IO
 
+from mesh_gateway.authz.stamps import MicrosecondStamps
 from mesh_gateway.telemetry.logs import LineBuffer
 
 REDACTED = "[REDACTED]"
@@ -45,26 +44,6 @@ class DecisionRecord:
     headers: dict[str, str]
     reason: str = ""
     cached: bool = False
-
-
-class MicrosecondStamps:
-    """`now` (a Unix time) as `datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds")`, e.g.
-    2023-11-14T22:13:20.250000+00:00, formatting the date and time of day once per second rather than per line.
-    fromtimestamp rounds the fraction to microseconds half-even (carrying into the next second); so does this."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, now: float) -> str:
-        second = math.floor(now)
-        micros = round((now - second) * 1e6)
-        if micros >= 1_000_000:
-            second, micros = second + 1, micros - 1_000_000
-        if second != self._second:
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-            self._second = second
-        return f"{self._prefix}{micros:06d}+00:00"
 
 
 def decision_line(record: DecisionRecord, stamp: str, redact: frozenset[str]) -> str:

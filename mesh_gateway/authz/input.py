@@ -14,27 +14,40 @@ import base64
 import functools
 import hashlib
 import json
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from mesh_gateway.headers import sanitise_inbound
+from mesh_gateway.authz.stamps import MicrosecondStamps
+from mesh_gateway.headers import HOP_BY_HOP, SPOOFABLE, SPOOFABLE_PREFIXES, connection_listed
 from mesh_gateway.model import BodyPrefix, RequestInfo, Route, SpiffeId
 from mesh_gateway.paths import NormalisedPath
 
 INPUT_VERSION = {"encoding": "protojson", "ext_authz": "v3"}
+_DROPPED = HOP_BY_HOP | SPOOFABLE
+_STAMPS = MicrosecondStamps(suffix="Z")
+
+
 def _headers(info: RequestInfo, path: str, extra: dict[str, str]) -> dict[str, str]:
     """Lower-cased names; repeated headers joined with ',' as Envoy does (cookies with '; ').
 
     Sanitised first, as Envoy's ext_authz sees them: hop-by-hop headers and identity headers a client could
-    forge (`x-forwarded-client-cert`, `forwarded`, `x-spiffe-*`) are gone; the gateway's own are added."""
+    forge (`x-forwarded-client-cert`, `forwarded`, `x-spiffe-*`) are gone; the gateway's own are added.
+    (headers.sanitise_inbound's rules, applied in the merge loop rather than as separate passes.)"""
     merged: dict[str, str] = {
         ":authority": info.host,
         ":method": info.method,
         ":path": path,
         ":scheme": info.scheme,
     }
-    for name, value in sanitise_inbound(info.headers):
+    headers = info.headers
+    dropped = _DROPPED
+    for name, _ in headers:
+        if name == "connection":  # it names further hop-by-hop headers
+            dropped = _DROPPED | connection_listed(headers)
+            break
+    for name, value in headers:
+        if name in dropped or name.startswith(SPOOFABLE_PREFIXES):
+            continue
         if name in merged and not name.startswith(":"):
             merged[name] += ("; " if name == "cookie" else ",") + value
         else:
@@ -86,14 +99,16 @@ def parse_body(body: BodyPrefix, content_type: str | None) -> tuple[Any, bool]:
 def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, now: float,
                 gateway_id: SpiffeId | None = None, body: BodyPrefix | None = None) -> dict[str, Any]:
     """The `input` document for one request; `now` is the wall-clock time in seconds."""
-    target = normalised.path + (f"?{info.query}" if info.query else "")
+    query = info.query
+    target = normalised.path + (f"?{query}" if query else "")
     peer = info.peer_spiffe_id
+    principal = str(peer) if peer is not None else ""
     extra = {"x-request-id": info.request_id, "x-forwarded-proto": info.scheme}
     if peer is not None:
         extra["x-forwarded-client-cert"] = xfcc(gateway_id, peer, info.peer.der if info.peer else None)
     source: dict[str, Any] = {"address": _socket(info.client_address, info.client_port)}
     if peer is not None:
-        source["principal"] = str(peer)
+        source["principal"] = principal
         if info.peer is not None and info.peer.der:
             source["certificate"] = _certificate_fields(info.peer.der)[0]
     destination: dict[str, Any] = {"address": _socket(info.local_address, info.local_port)}
@@ -109,7 +124,7 @@ def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, 
         "protocol": info.protocol,
         "size": info.content_length if info.content_length is not None else -1,
     }
-    stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    stamp = _STAMPS(now)
     document: dict[str, Any] = {
         "attributes": {
             "source": source,
@@ -119,9 +134,9 @@ def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, 
             "metadataContext": {},
         },
         "parsed_path": list(normalised.segments),
-        "parsed_query": {k: v for k, v in parse_qs(info.query, keep_blank_values=True).items()},
+        "parsed_query": parse_qs(query, keep_blank_values=True) if query else {},
         "version": dict(INPUT_VERSION),
-        "source_principal": str(peer) if peer is not None else "",
+        "source_principal": principal,
         "route": {"name": route.name, "service": route.service},
     }
     if body is not None:
