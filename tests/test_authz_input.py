@@ -150,3 +150,15 @@ def test_already_normal_paths_take_the_fast_path_with_the_same_result(parts, lea
             normalise_path(raw)
         return
     assert normalise_path(raw) == expected
+
+
+@given(st.lists(st.sampled_from(["a", "b", "=", "&", "&&", "x=1", "id=2", "%20", "+", "%zz", "é", ";", "==", ""]),
+                max_size=10))
+def test_parsed_query_is_parse_qs(parts):
+    from urllib.parse import parse_qs
+
+    from mesh_gateway.authz.input import parse_query
+
+    query = "".join(parts)
+    assert parse_query(query) == parse_qs(query, keep_blank_values=True)
+    assert list(parse_query(query)) == list(parse_qs(query, keep_blank_values=True))  # key order too

@@ -51,8 +51,8 @@ def decision_line(record: DecisionRecord, stamp: str, redact: frozenset[str]) ->
     the order the module docstring lists them (tests/test_authz_decision_line.py checks it, hostile values
     included), written by hand because json.dumps of a dict was most of a logged decision's cost. Strings go
     through json's own C escaper (ASCII output, as ensure_ascii), ints through int repr, as json.dumps does."""
-    headers = ",".join(f"{_quote(name)}:{_REDACTED_JSON if name in redact else _quote(value)}"
-                       for name, value in record.headers.items())
+    headers = ",".join([f"{_quote(name)}:{_REDACTED_JSON if name in redact else _quote(value)}"
+                        for name, value in record.headers.items()])
     reason = f',"reason":{_quote(record.reason)}' if record.reason else ""
     return (f'{{"decision_id":{_quote(record.decision_id)},"timestamp":{_quote(stamp)},'
             f'"route":{_quote(record.route)},"principal":{_quote(record.principal)},'

@@ -84,6 +84,23 @@ def _socket(address: str, port: int) -> dict[str, Any]:
     return {"socketAddress": {"address": address, "portValue": port}}
 
 
+def parse_query(query: str) -> dict[str, list[str]]:
+    """`input.parsed_query`: exactly `urllib.parse.parse_qs(query, keep_blank_values=True)`. A query with nothing
+    to decode (no `%`, no `+`) is split directly, at a fraction of parse_qs's cost; tests/test_authz_input.py
+    checks that the two agree."""
+    if "%" in query or "+" in query:
+        return parse_qs(query, keep_blank_values=True)
+    parsed: dict[str, list[str]] = {}
+    for field in query.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            if name in parsed:
+                parsed[name].append(value)
+            else:
+                parsed[name] = [value]
+    return parsed
+
+
 def parse_body(body: BodyPrefix, content_type: str | None) -> tuple[Any, bool]:
     """OPA-Envoy's rule: JSON bodies are parsed; a truncated or unparsable body gives no `parsed_body`."""
     if body.truncated or not body.data:
@@ -134,7 +151,7 @@ def build_input(info: RequestInfo, route: Route, *, normalised: NormalisedPath, 
             "metadataContext": {},
         },
         "parsed_path": list(normalised.segments),
-        "parsed_query": parse_qs(query, keep_blank_values=True) if query else {},
+        "parsed_query": parse_query(query),
         "version": dict(INPUT_VERSION),
         "source_principal": principal,
         "route": {"name": route.name, "service": route.service},
