@@ -47,9 +47,9 @@ class DecisionRecord:
 
 
 def decision_line(record: DecisionRecord, stamp: str, redact: frozenset[str]) -> str:
-    """The record as one line of JSON: byte-for-byte `json.dumps(fields, separators=(",", ":"))` of the fields in
-    the order the module docstring lists them (tests/test_authz_decision_line.py checks it, hostile values
-    included), written by hand because json.dumps of a dict was most of a logged decision's cost. Strings go
+    """The record as one line of JSON, `headers` redacted: byte-for-byte what `json.dumps(fields, separators=(",",
+    ":"))` of the fields in this order wrote before (tests/test_authz_decision_line.py checks it, hostile values
+    included). Written by hand because json.dumps of a dict was most of a logged decision's cost. Strings go
     through json's own C escaper (ASCII output, as ensure_ascii), ints through int repr, as json.dumps does."""
     headers = ",".join([f"{_quote(name)}:{_REDACTED_JSON if name in redact else _quote(value)}"
                         for name, value in record.headers.items()])
@@ -97,9 +97,6 @@ class DecisionLog:
     @property
     def dropped(self) -> int:
         return self._lines.lost if self._lines else 0
-
-    def redact(self, headers: dict[str, str]) -> dict[str, str]:
-        return {name: (REDACTED if name in self._redact else value) for name, value in headers.items()}
 
     def write(self, record: DecisionRecord) -> None:
         if self._lines is None:
