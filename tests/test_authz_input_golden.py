@@ -61,11 +61,14 @@ CASES: dict[str, tuple[RequestInfo, str, SpiffeId | None, BodyPrefix | None]] = 
 }
 
 
-def document(name: str) -> str:
+def built(name: str) -> dict[str, Any]:
     info, raw, gateway_id, body = CASES[name]
-    built = build_input(info, ROUTE, normalised=normalise_path(raw), now=1_700_000_000.25, gateway_id=gateway_id,
-                        body=body)
-    return json.dumps(built)  # insertion order kept: key order is part of "byte-identical"
+    return build_input(info, ROUTE, normalised=normalise_path(raw), now=1_700_000_000.25, gateway_id=gateway_id,
+                       body=body)
+
+
+def document(name: str) -> str:
+    return json.dumps(built(name))  # insertion order kept: key order is part of "byte-identical"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -81,3 +84,39 @@ def test_repeated_requests_on_one_connection_get_identical_documents() -> None:
 
 if __name__ == "__main__":
     GOLDEN.write_text(json.dumps({name: document(name) for name in sorted(CASES)}, indent=1) + "\n")
+
+
+ECHO_POLICY = """package echo
+
+import rego.v1
+
+fields := {
+    "certificate": object.get(input.attributes.source, "certificate", null),
+    "principal": object.get(input.attributes.source, "principal", null),
+    "xfcc": object.get(input.attributes.request.http.headers, "x-forwarded-client-cert", null),
+    "headers": input.attributes.request.http.headers,
+    "time": input.attributes.request.time,
+    "parsed_path": input.parsed_path,
+    "parsed_query": input.parsed_query,
+    "source_principal": input.source_principal,
+}
+"""
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_policy_reads_the_same_values_as_before(name: str, tmp_path: Path) -> None:
+    from mesh_gateway.authz.rego import EmbeddedEngine
+
+    (tmp_path / "echo.rego").write_text(ECHO_POLICY)
+    engine = EmbeddedEngine(tmp_path)
+    engine.load()
+    seen = engine.evaluate_sync("data.echo.fields", built(name))  # the dict, as the authorizer passes it
+    before = json.loads(json.loads(GOLDEN.read_text())[name])
+    attributes = before["attributes"]
+    http = attributes["request"]["http"]
+    assert seen == {
+        "certificate": attributes["source"].get("certificate"), "principal": attributes["source"].get("principal"),
+        "xfcc": http["headers"].get("x-forwarded-client-cert"), "headers": http["headers"],
+        "time": attributes["request"]["time"], "parsed_path": before["parsed_path"],
+        "parsed_query": before["parsed_query"], "source_principal": before["source_principal"],
+    }
