@@ -9,6 +9,7 @@ SPIFFE peer certificate issued by our CA, 8 headers, a query string) and a fresh
 uvloop. Policies: `bench` is the policy bench/run.py generates (bench/setups.py ALLOW_POLICY, query
 data.mesh.authz.allow); `shipped` is the repo's policies/ set (data.envoy.authz.allow, grants by SPIFFE ID).
 Each is run for an allowed and a denied request, with the decision log off and on (a file sink, /dev/null).
+`--no-client-cert` drops the peer certificate, as for bench/run.py's wrk clients (the shipped policy then denies).
 Printed: CPU µs per decision (`time.process_time()`), best of `--repeats` runs of `--iterations`, after a warm-up.
 """
 
@@ -84,7 +85,7 @@ def gateway_config(root: Path, case: Case) -> cfg.GatewayConfig:
     })
 
 
-def request_info(method: str, peer: PeerCert) -> RequestInfo:
+def request_info(method: str, peer: PeerCert | None) -> RequestInfo:
     """What the HTTP edge builds for `GET /api/orders/42?limit=10&sort=desc` from a curl-like client."""
     headers = (
         ("host", "gw.mesh.local:8443"),
@@ -118,14 +119,14 @@ async def measure(authorizer: Authorizer, route: Route, info: RequestInfo, expec
     return best
 
 
-async def run(cases: list[Case], iterations: int, repeats: int) -> None:
+async def run(cases: list[Case], iterations: int, repeats: int, client_cert: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
         root = Path(tmp)
         ca = init_ca(root / "ca", TRUST_DOMAIN)
         client = ca.issue_credentials(SpiffeId.parse(CLIENT_ID), 3600)
         # The DER the edge gets from ssl_object.getpeercert(binary_form=True).
         der = x509.load_pem_x509_certificate(client.cert_chain_pem).public_bytes(Encoding.DER)
-        peer = PeerCert(SpiffeId.parse(CLIENT_ID), der)
+        peer = PeerCert(SpiffeId.parse(CLIENT_ID), der) if client_cert else None
         gateway_id = SpiffeId.parse(GATEWAY_ID)
         print(f"{'case':<28} {'CPU µs/decision':>16}")
         for case in cases:
@@ -137,7 +138,9 @@ async def run(cases: list[Case], iterations: int, repeats: int) -> None:
             info = request_info(METHODS[(case.policy, case.allowed)], peer)
             flusher = asyncio.create_task(built.authorizer.decision_log.run())
             try:
-                micros = await measure(authorizer, route, info, case.allowed, iterations, repeats)
+                # The shipped policy grants by SPIFFE ID: an anonymous client is denied.
+                expect = case.allowed and (peer is not None or case.policy == "bench")
+                micros = await measure(authorizer, route, info, expect, iterations, repeats)
             finally:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
@@ -150,12 +153,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    parser.add_argument("--no-client-cert", action="store_true", help="an anonymous TLS client (no SPIFFE peer)")
     args = parser.parse_args()
     cases = [Case.parse(name) for name in args.cases.split(",")]
     unknown = [c.name for c in cases if c.name not in CASES]
     if unknown:
         parser.error(f"unknown case(s): {', '.join(unknown)}")
-    uvloop.run(run(cases, args.iterations, args.repeats))
+    uvloop.run(run(cases, args.iterations, args.repeats, not args.no_client_cert))
 
 
 if __name__ == "__main__":
