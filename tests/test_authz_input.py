@@ -162,3 +162,23 @@ def test_parsed_query_is_parse_qs(parts):
     query = "".join(parts)
     assert parse_query(query) == parse_qs(query, keep_blank_values=True)
     assert list(parse_query(query)) == list(parse_qs(query, keep_blank_values=True))  # key order too
+
+
+@given(st.lists(st.tuples(st.sampled_from(["accept", "cookie", "connection", "te", "x-a", "x-spiffe-id", "forwarded",
+                                           "x-forwarded-client-cert", "keep-alive", "upgrade", ":path", "host"]),
+                          st.sampled_from(["1", "x-a", "close, x-a", "keep-alive", "X-A , te", ""])), max_size=8))
+def test_input_headers_follow_sanitise_inbound(headers):
+    # build_input applies headers.sanitise_inbound's rules inside its merge loop; it must keep agreeing with them.
+    from mesh_gateway.authz.input import _headers
+    from mesh_gateway.headers import sanitise_inbound
+
+    expected = {":authority": "gw", ":method": "GET", ":path": "/p", ":scheme": "https"}
+    for name, value in sanitise_inbound(headers):
+        if name in expected and not name.startswith(":"):
+            expected[name] += ("; " if name == "cookie" else ",") + value
+        else:
+            expected[name] = value
+    expected["x-request-id"] = "r"
+    request = info(headers=tuple(headers), host="gw")
+    merged = _headers(request, "/p", {"x-request-id": "r"})
+    assert list(merged.items()) == list(expected.items())
