@@ -165,6 +165,9 @@ class MeteredAuthorizer:
     def __init__(self, inner: Authorizer, metrics: Metrics) -> None:
         self._inner = inner
         self._metrics = metrics
+        # result → (counter child, histogram child), resolved on first use: `labels()` per decision took a lock and
+        # built a key each time. Lazily, so /metrics shows no series for a result that never happened (as before).
+        self._series: dict[str, tuple[Counter, Histogram]] = {}
 
     async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
                     body: BodyPrefix | None = None) -> Decision:
@@ -176,4 +179,11 @@ class MeteredAuthorizer:
             result = "allow" if decision.allowed else "deny"
             return decision
         finally:
-            self._metrics.authz_decision(result, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            series = self._series.get(result)
+            if series is None:
+                metrics = self._metrics
+                series = self._series[result] = (metrics.authz_decisions.labels(result),
+                                                 metrics.authz_duration.labels(result))
+            series[0].inc()
+            series[1].observe(elapsed)
