@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh_gateway.authz.decision_log import REDACTED, DecisionRecord, decision_line
-from mesh_gateway.authz.stamps import MicrosecondStamps
+from mesh_gateway.stamps import UtcStamps
 
 text = st.text(max_size=20)  # any unicode: quotes, backslashes, control characters, astral-plane characters
 REDACT = frozenset({"authorization", "cookie"})
@@ -44,7 +44,7 @@ def test_line_matches_json_dumps(record: DecisionRecord) -> None:
 
 @given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
 def test_stamps_match_datetime_isoformat(now: float) -> None:
-    stamps, zulu = MicrosecondStamps(), MicrosecondStamps(suffix="Z")
+    stamps, zulu = UtcStamps(timespec="microseconds", suffix="+00:00"), UtcStamps(timespec="microseconds")
     expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds")
     assert stamps(now) == expected
     assert stamps(now) == expected  # the cached second gives the same text
@@ -52,6 +52,6 @@ def test_stamps_match_datetime_isoformat(now: float) -> None:
 
 
 def test_stamps_across_seconds_and_rounding_carry() -> None:
-    stamps = MicrosecondStamps()
+    stamps = UtcStamps(timespec="microseconds", suffix="+00:00")
     for now in (1_700_000_000.25, 1_700_000_000.9999996, 1_700_000_001.0, 1_700_000_000.5, 1_699_999_999.0000004):
         assert stamps(now) == datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds")

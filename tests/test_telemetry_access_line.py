@@ -12,7 +12,8 @@ import pytest
 from mesh_gateway.errors import UpstreamUnavailable
 from mesh_gateway.model import Decision, Endpoint, PeerCert, RequestInfo, Route, RouteMatch, SpiffeId
 from mesh_gateway.pipeline import Exchange
-from mesh_gateway.telemetry.logs import UtcStamps, access_line
+from mesh_gateway.stamps import UtcStamps
+from mesh_gateway.telemetry.logs import access_line
 
 HOSTILE = ['/x"\n{"status":1}', "\\", "\u2028\u2029", "é😀", "\x00\x1f\x7f", "</script>", "", "'"]
 

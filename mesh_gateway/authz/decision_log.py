@@ -18,7 +18,7 @@ from json.encoder import encode_basestring_ascii as _quote  # the C escaper json
 from pathlib import Path
 from typing import IO
 
-from mesh_gateway.authz.stamps import MicrosecondStamps
+from mesh_gateway.stamps import UtcStamps
 from mesh_gateway.telemetry.logs import LineBuffer
 
 REDACTED = "[REDACTED]"
@@ -87,7 +87,7 @@ class DecisionLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._owned = out = path.open("a", encoding="utf-8")
         self._lines = LineBuffer(out, name="decision log", flush_interval_s=flush_interval_s) if out else None
-        self._stamps = MicrosecondStamps()
+        self._stamps = UtcStamps(timespec="microseconds", suffix="+00:00")
 
     @property
     def enabled(self) -> bool:

@@ -17,14 +17,14 @@ import json
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from mesh_gateway.authz.stamps import MicrosecondStamps
 from mesh_gateway.headers import HOP_BY_HOP, SPOOFABLE, SPOOFABLE_PREFIXES, connection_listed
 from mesh_gateway.model import BodyPrefix, RequestInfo, Route, SpiffeId
 from mesh_gateway.paths import NormalisedPath
+from mesh_gateway.stamps import UtcStamps
 
 INPUT_VERSION = {"encoding": "protojson", "ext_authz": "v3"}
 _DROPPED = HOP_BY_HOP | SPOOFABLE
-_STAMPS = MicrosecondStamps(suffix="Z")
+_STAMPS = UtcStamps(timespec="microseconds")
 
 
 def _headers(info: RequestInfo, path: str, extra: dict[str, str]) -> dict[str, str]:

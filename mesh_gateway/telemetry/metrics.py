@@ -82,11 +82,6 @@ class Metrics:
                 self.upstream_retries.labels(service).inc(exchange.retries)
 
     # -- called by other features --------------------------------------------------------------------------
-    def authz_decision(self, result: str, duration_s: float) -> None:
-        """`result` is one of allow, deny, error."""
-        self.authz_decisions.labels(result).inc()
-        self.authz_duration.labels(result).observe(duration_s)
-
     def upstream_connect_error(self, service: str, reason: str) -> None:
         self.upstream_connect_errors.labels(service, reason).inc()
 
