@@ -27,7 +27,10 @@ test: $(VENV)/.test
 	$(PY) -m mesh_gateway policy test mesh_gateway/demo/policies
 	$(PY) -m mesh_gateway policy test deploy/compose/policies
 	$(PY) -m pytest -q -p no:cacheprovider
-	MESH_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider tests/test_edge_e2e.py tests/test_edge_security.py
+	MESH_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider tests/test_edge_e2e.py tests/test_edge_security.py \
+		tests/test_edge_h1.py
+	MESH_TEST_HTTP1_SERVER=aiohttp $(PY) -m pytest -q -p no:cacheprovider tests/test_edge_e2e.py \
+		tests/test_edge_security.py tests/test_websocket.py tests/test_h2.py
 
 ## make bench: direct vs nginx vs gateway on the same TLS → mTLS job (installs wrk and nginx with apt-get if missing)
 ##   BENCH_ARGS="--variants tls,full --duration 20 --rounds 5 --profile prof/" for a subset, longer runs, py-spy profiles

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,10 @@ from mesh_gateway.discovery.runtime import ConsulDiscovery
 from mesh_gateway.discovery.static import catalog_from_config, routes_from_config
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import add_telemetry_views
-from mesh_gateway.edges.alpn import AlpnSite
 from mesh_gateway.edges.clusters import clusters_view
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
-from mesh_gateway.edges.h2 import H2Server
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.listener import HttpListener
 from mesh_gateway.edges.websocket import WebSocketProxy
 from mesh_gateway.identity.ca import CAError, load_ca
 from mesh_gateway.identity.provider import (
@@ -141,7 +139,7 @@ class Gateway:
         self.edges: list[HttpEdge] = []
         self.grpc_edges: list[GrpcEdge] = []
         self.addresses: dict[str, tuple[str, int]] = {}
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[web.BaseRunner | HttpListener] = []
         self._started = False
 
     def _ready(self) -> str | None:
@@ -218,12 +216,13 @@ class Gateway:
             if self.config.protocols.websocket.enabled:
                 edge.websockets = WebSocketProxy(self.pipeline, self.websocket_dialer, self.config.protocols.websocket)
             server_tls = self._server_tls(listener, listener.tls, http2=listener.http2) if listener.tls else None
-            runner = web.ServerRunner(edge.server(), shutdown_timeout=self.config.drain_timeout_s)
-            await runner.setup()
             sock = bind(listener.address, reuse_port=self._reuse_port)
-            site = self._http_site(listener, runner, sock, edge, server_tls)
-            await site.start()
-            self._runners.append(runner)
+            http_listener = HttpListener(
+                edge, server=listener.server, ssl_context=server_tls.front if server_tls else None,
+                http2=self.config.protocols.http2 if server_tls is not None and listener.http2 else None,
+                drain_timeout_s=self.config.drain_timeout_s)
+            self._runners.append(http_listener)
+            await http_listener.start(sock)
             self.edges.append(edge)
             self.addresses[listener.name] = sock.getsockname()[:2]
         if self._with_admin:
@@ -250,14 +249,6 @@ class Gateway:
     @property
     def drain_timeout_s(self) -> float:
         return self.config.drain_timeout_s
-
-    def _http_site(self, listener: cfg.Listener, runner: web.BaseRunner, sock: socket.socket, edge: HttpEdge,
-                   server_tls: ServerTls | None) -> web.BaseSite:
-        if server_tls is None or not listener.http2:
-            return web.SockSite(runner, sock, ssl_context=server_tls.front if server_tls else None)
-        # ALPN picks the protocol per connection: h2 → edges/h2.py, http/1.1 → aiohttp (docs/protocols.md).
-        return AlpnSite(runner, sock, ssl_context=server_tls.front, drain_timeout_s=self.config.drain_timeout_s,
-                        h2_server=H2Server(edge, self.config.protocols.http2))
 
     async def _start_grpc(self, listener: cfg.Listener) -> None:
         edge = GrpcEdge(name=listener.name, pipeline=self.pipeline, forwarder=self.grpc_forwarder,

@@ -27,6 +27,12 @@ class BadRequest(GatewayError):
     status, grpc_code, public_message = 400, "INVALID_ARGUMENT", "bad request"
 
 
+class ClientClosedRequest(GatewayError):
+    """The client went away before its request was read (nginx's 499): nobody sees the answer, logs do."""
+
+    status, grpc_code, public_message = 499, "CANCELLED", "client closed request"
+
+
 class Unauthenticated(GatewayError):
     status, grpc_code, public_message = 401, "UNAUTHENTICATED", "client identity required"
 

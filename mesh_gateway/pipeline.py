@@ -36,6 +36,10 @@ class Span(Protocol):
     def trace_id(self) -> str: ...
     @property
     def span_id(self) -> str: ...
+    @property
+    def recording(self) -> bool:
+        """False when set() and rename() are dropped anyway (not sampled): callers may skip building values."""
+        ...
     def set(self, key: str, value: AttributeValue) -> None: ...
     def rename(self, name: str) -> None: ...
     def fail(self, error: GatewayError) -> None: ...
@@ -51,6 +55,7 @@ class Tracer(Protocol):
 class NoSpan:
     trace_id = ""
     span_id = ""
+    recording = False
 
     def set(self, key: str, value: AttributeValue) -> None:
         pass
@@ -227,8 +232,9 @@ class Pipeline:
         """Match the request to a route (NotFound otherwise) and name the span after it."""
         info = exchange.info
         route = exchange.route = self._routes.get().match(info)
-        exchange.span.rename(f"{info.method} {route.name}")
-        exchange.span.set("http.route", route.name)
+        if exchange.span.recording:
+            exchange.span.rename(f"{info.method} {route.name}")
+            exchange.span.set("http.route", route.name)
         return route
 
     async def admit(self, exchange: Exchange, prefix: BodyPrefix | None = None) -> Decision:
@@ -258,10 +264,11 @@ class Pipeline:
         try:
             decision = await (self._authorizer.check(info, route, exchange, prefix) if prefix is not None
                               else self._authorizer.check(info, route, exchange))
-            span.set("mesh.authz.allowed", decision.allowed)
-            span.set("mesh.authz.decision_id", decision.decision_id)
-            span.set("mesh.authz.policy_revision", decision.policy_revision)
-            span.set("mesh.authz.engine", decision.engine)
+            if span.recording:
+                span.set("mesh.authz.allowed", decision.allowed)
+                span.set("mesh.authz.decision_id", decision.decision_id)
+                span.set("mesh.authz.policy_revision", decision.policy_revision)
+                span.set("mesh.authz.engine", decision.engine)
             return decision
         except GatewayError as error:
             span.fail(error)
@@ -272,15 +279,17 @@ class Pipeline:
     async def _forward(self, request: UpstreamRequest, endpoint: Endpoint, route: Route,
                        exchange: Exchange) -> Response:
         span = self.tracer.child(exchange.span, "upstream", client=True)
-        span.set("server.address", endpoint.address)
-        span.set("server.port", endpoint.port)
-        if endpoint.spiffe_id is not None:
-            span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
+        if span.recording:
+            span.set("server.address", endpoint.address)
+            span.set("server.port", endpoint.port)
+            if endpoint.spiffe_id is not None:
+                span.set("mesh.upstream.spiffe_id", str(endpoint.spiffe_id))
         span.inject(request.headers)
         try:
             response = await self._forwarder.forward(request, endpoint, route, exchange)
-            span.set("http.response.status_code", response.status)
-            span.set("mesh.upstream.retries", exchange.retries)
+            if span.recording:
+                span.set("http.response.status_code", response.status)
+                span.set("mesh.upstream.retries", exchange.retries)
             return response
         except GatewayError as error:
             span.fail(error)

@@ -22,6 +22,7 @@ from mesh_gateway import __version__
 from mesh_gateway import config as cfg
 from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.listener import HttpListener
 from mesh_gateway.identity.provider import IdentitySource, IdentityUnavailable, build_source
 from mesh_gateway.model import Credentials, SpiffeId
 from mesh_gateway.supervisor import Supervisor
@@ -67,10 +68,17 @@ async def _serve_on(runner: web.BaseRunner, address: str, ssl_context: ssl.SSLCo
 
 
 async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None, *,
-                     shutdown_timeout_s: float) -> tuple[web.BaseRunner, tuple[str, int]]:
-    """Bind `address` and serve `edge` on it; returns the runner (to clean up) and the bound (host, port)."""
-    runner = web.ServerRunner(edge.server(), shutdown_timeout=shutdown_timeout_s)
-    return runner, await _serve_on(runner, address, ssl_context)
+                     drain_timeout_s: float) -> tuple[HttpListener, tuple[str, int]]:
+    """Bind `address` and serve `edge` on it (HTTP/1.1); returns the listener (to clean up) and the bound address."""
+    sock = bind(address)
+    listener = HttpListener(edge, ssl_context=ssl_context, drain_timeout_s=drain_timeout_s)
+    try:
+        await listener.start(sock)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    return listener, (host, port)
 
 
 async def serve_admin(admin: Admin, address: str) -> tuple[web.BaseRunner, tuple[str, int]]:

@@ -20,6 +20,7 @@ from mesh_gateway.edges.admin import Admin
 from mesh_gateway.edges.admin_views import redact, route_view
 from mesh_gateway.edges.grpc import GrpcEdge, ServerCredentials
 from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.listener import HttpListener
 from mesh_gateway.identity.provider import (
     IdentitySource,
     IdentityUnavailable,
@@ -138,7 +139,7 @@ class Sidecar:
         self._admin_views()
         self.supervisor = Supervisor()
         self.addresses: dict[str, tuple[str, int]] = {}
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[web.BaseRunner | HttpListener] = []
         self._started = False
         self._app_problem: str | None = None
 
@@ -262,7 +263,7 @@ class Sidecar:
                  ", ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items()))
 
     async def _serve(self, edge: HttpEdge, address: str, ssl_context: ssl.SSLContext | None) -> None:
-        runner, bound = await serve_edge(edge, address, ssl_context, shutdown_timeout_s=self.config.drain_timeout_s)
+        runner, bound = await serve_edge(edge, address, ssl_context, drain_timeout_s=self.config.drain_timeout_s)
         self._runners.append(runner)
         self.addresses[edge.name] = bound
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,8 @@ def gateway_config(ca_dir: Path, upstreams: dict[str, list[dict[str, Any]]], *,
                    routes: list[dict[str, Any]] | None = None, client_auth: str = "optional",
                    tls: bool = True, **extra: Any) -> cfg.GatewayConfig:
     listener: dict[str, Any] = {"name": "public", "address": "127.0.0.1:0"}
+    if "MESH_TEST_HTTP1_SERVER" in os.environ:  # the Makefile reruns the edge tests on the aiohttp server
+        listener["server"] = os.environ["MESH_TEST_HTTP1_SERVER"]
     if tls:
         listener["tls"] = {"client_auth": client_auth}
     data: dict[str, Any] = {

@@ -266,3 +266,18 @@ async def test_remote_opa_over_tls_is_verified_against_the_configured_ca(policie
         await trusted.close()
         await untrusted.close()
         await fake.close()
+
+
+async def test_decision_ids_are_unique_and_uuid_shaped_with_the_log_on_or_off(policies):
+    import uuid
+
+    ids = []
+    for decision_log in (DecisionLog("off"), DecisionLog(stream=io.StringIO())):
+        authorizer = embedded(policies, decision_log=decision_log)
+        for info in (request_info(), request_info(method="DELETE"), request_info(path="/apix")):
+            decision = await authorizer.check(info, ROUTE, exchange(info))
+            assert decision.engine == "embedded" and decision.policy_revision != ""
+            ids.append(decision.decision_id)
+        await authorizer.close()
+    assert len(set(ids)) == len(ids)
+    assert all(str(uuid.UUID(decision_id)) == decision_id for decision_id in ids)

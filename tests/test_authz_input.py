@@ -134,3 +134,51 @@ def test_body_fields_in_input():
     assert document["truncated_body"] is False
     assert document["attributes"]["request"]["http"]["body"] == '{"amount": 5}'
     assert document["attributes"]["request"]["http"]["size"] == 13
+
+
+@given(st.lists(st.sampled_from(["a", "B", ".", "..", "...", ".x", "", "%2e", "%41", "%2f", "%zz", "x;y", "é", "\\",
+                                 "\x00", "\x7f", "c d", "~"]), max_size=8), st.booleans())
+def test_already_normal_paths_take_the_fast_path_with_the_same_result(parts, leading_slash):
+    # normalise_path skips the work for a path with nothing to normalise; it must agree with the full algorithm.
+    from mesh_gateway.paths import _normalise
+
+    raw = ("/" if leading_slash else "") + "/".join(parts)
+    try:
+        expected = _normalise(raw)
+    except UnsafePath:
+        with pytest.raises(UnsafePath):
+            normalise_path(raw)
+        return
+    assert normalise_path(raw) == expected
+
+
+@given(st.lists(st.sampled_from(["a", "b", "=", "&", "&&", "x=1", "id=2", "%20", "+", "%zz", "é", ";", "==", ""]),
+                max_size=10))
+def test_parsed_query_is_parse_qs(parts):
+    from urllib.parse import parse_qs
+
+    from mesh_gateway.authz.input import parse_query
+
+    query = "".join(parts)
+    assert parse_query(query) == parse_qs(query, keep_blank_values=True)
+    assert list(parse_query(query)) == list(parse_qs(query, keep_blank_values=True))  # key order too
+
+
+@given(st.lists(st.tuples(st.sampled_from(["accept", "cookie", "connection", "te", "x-a", "x-spiffe-id", "forwarded",
+                                           "x-forwarded-client-cert", "keep-alive", "upgrade", ":path", "host"]),
+                          st.sampled_from(["1", "x-a", "close, x-a", "keep-alive", "X-A , te", ""])), max_size=8))
+def test_input_headers_follow_sanitise_inbound(headers):
+    # build_input applies headers.sanitise_inbound's rules inside its merge loop; it must keep agreeing with them.
+    from mesh_gateway.authz.input import _headers
+    from mesh_gateway.headers import sanitise_inbound
+
+    expected = {":authority": "gw", ":method": "GET", ":path": "/p", ":scheme": "https"}
+    for name, value in sanitise_inbound(headers):
+        if name in expected and not name.startswith(":"):
+            expected[name] += ("; " if name == "cookie" else ",") + value
+        else:
+            expected[name] = value
+    expected["x-request-id"] = "r"
+    request = info(headers=tuple(headers), host="gw")
+    merged = _headers(request, "/p", {"x-request-id": "r"})
+    assert list(merged.items()) == list(expected.items())

@@ -18,7 +18,7 @@ def web_catalog(upstream) -> dict[str, list[dict[str, object]]]:
 
 
 def h2_servers(gw) -> list:
-    return [site.h2_server for runner in gw._runners for site in runner.sites if hasattr(site, "h2_server")]
+    return [runner.h2_server for runner in gw._runners if getattr(runner, "h2_server", None) is not None]
 
 
 def h2_client(ca, creds, *, http2: bool = True) -> httpx.AsyncClient:

@@ -41,9 +41,10 @@ def _header_list(value: Any, key: str) -> Headers:
     return tuple(pairs)
 
 
-def parse_decision(value: Any) -> Decision:
+def parse_decision(value: Any, *, decision_id: str = "", policy_revision: str = "", engine: str = "") -> Decision:
+    """The Decision for the policy's answer `value`, stamped with the given id, revision and engine."""
     if isinstance(value, bool):
-        return Decision(allowed=value)
+        return Decision(allowed=value, decision_id=decision_id, policy_revision=policy_revision, engine=engine)
     if not isinstance(value, dict):
         raise DecisionError(f"decision must be a boolean or an object, got {type(value).__name__}")
     allowed = value.get("allowed")
@@ -71,5 +72,8 @@ def parse_decision(value: Any) -> Decision:
         headers=_header_list(value.get("headers", {}), "headers"),
         response_headers_to_add=_header_list(value.get("response_headers_to_add", {}), "response_headers_to_add"),
         request_headers_to_remove=tuple(n.lower() for n in remove),
+        decision_id=decision_id,
+        policy_revision=policy_revision,
+        engine=engine,
     )
 

@@ -41,6 +41,9 @@ class Listener(Model):
     """http: HTTP/1.1 + WebSocket, and HTTP/2 via ALPN on TLS; grpc: a grpc.aio server (see docs/protocols.md)."""
     http2: bool = True
     """Offer `h2` in ALPN next to `http/1.1` (TLS http listeners only)."""
+    server: Literal["h1", "aiohttp"] = "h1"
+    """HTTP/1.1 server: "h1" (httptools on asyncio, edges/h1_server.py) or "aiohttp" (about twice the CPU per
+    request). WebSocket upgrades are served by aiohttp either way."""
 
 
 class Limits(Model):

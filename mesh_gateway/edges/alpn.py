@@ -10,7 +10,7 @@ from aiohttp import web
 from mesh_gateway.edges.h2 import H2Server
 
 
-class _AlpnSwitch(asyncio.Protocol):
+class AlpnSwitch(asyncio.Protocol):
     """Lives only until the TLS handshake is done, then swaps in the protocol ALPN chose."""
 
     def __init__(self, http1: Any, h2_server: H2Server) -> None:
@@ -39,7 +39,7 @@ class AlpnSite(web.SockSite):
         http1 = self._runner.server
         assert http1 is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _AlpnSwitch(http1, self.h2_server), sock=self._sock, ssl=self._ssl_context,
+            lambda: AlpnSwitch(http1, self.h2_server), sock=self._sock, ssl=self._ssl_context,
             backlog=self._backlog)
 
     async def stop(self) -> None:

@@ -23,16 +23,14 @@ import h2.exceptions
 import h2.settings
 
 from mesh_gateway.config import Http2Settings
-from mesh_gateway.edges.h2_info import rejected_info, request_info
-from mesh_gateway.edges.http import HttpEdge, adopt_request_id, internal_error
+from mesh_gateway.edges.http import NO_FACTS, HttpEdge, RequestHead, connection_facts
 from mesh_gateway.errors import (
     GatewayError,
     RequestTimeout,
-    as_gateway_error,
 )
 from mesh_gateway.headers import HOP_BY_HOP
 from mesh_gateway.model import Response
-from mesh_gateway.pipeline import Exchange, error_response
+from mesh_gateway.pipeline import Exchange
 from mesh_gateway.upstream.http import BodyTooLarge
 
 log = logging.getLogger("mesh_gateway.edge.h2")
@@ -91,11 +89,13 @@ class H2Protocol(asyncio.Protocol):
         self._writable.set()
         self._closing = False
         self._idle: asyncio.TimerHandle | None = None
+        self._facts = NO_FACTS
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
+        self._facts = connection_facts(transport)
         self._server.connections.add(self)
         settings = self._server.settings
         self._conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -225,35 +225,21 @@ class H2Protocol(asyncio.Protocol):
     async def _serve(self, stream: _Stream, headers: list[tuple[str, str]], *, has_body: bool) -> None:
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         fields = [(k, v) for k, v in headers if not k.startswith(":")]
-        request_id = adopt_request_id(next((v for k, v in fields if k == "x-request-id"), None))
         if pseudo.get(":method") == "POST" and any(
                 k == "content-type" and v.startswith("application/grpc") for k, v in fields):
             # The pipeline forwards HTTP/1.1, which cannot carry trailers; say where gRPC goes instead.
             await self._send_headers(stream, _GRPC_ELSEWHERE, end_stream=True)
             return
-        try:
-            info = request_info(self._edge, self._transport, pseudo, fields, request_id)
-        except GatewayError as error:
-            # Refused before routing (414/431/413/401): still logged, counted and traced, like HTTP/1.1.
-            rejected = Exchange(rejected_info(self._edge, self._transport, pseudo, request_id), error=error)
-            rejected.span = self._edge.pipeline.tracer.ingress(rejected.info)
-            rejected.span.fail(error)
-            await self._respond(stream, error_response(error, request_id), rejected)
-            return
-        exchange = Exchange(info, span=self._edge.pipeline.tracer.ingress(info))
-        body = self._body(stream, exchange) if has_body else None
-        try:
-            response = await self._edge.pipeline.handle(exchange, body)
-        except Exception as exc:
-            response = internal_error(exc, request_id)
-            exchange.error = as_gateway_error(exc)
-            exchange.span.fail(exchange.error)
+        head = RequestHead(method=pseudo.get(":method", ""), target=pseudo.get(":path", ""), protocol="HTTP/2",
+                           fields=fields, authority=pseudo.get(":authority") or None)
+        exchange = self._edge.open(head, self._facts)
+        body = self._body(stream, exchange) if has_body and exchange.error is None else None
+        response = await self._edge.respond(exchange, body)
         await self._respond(stream, response, exchange)
 
     async def _body(self, stream: _Stream, exchange: Exchange) -> AsyncIterator[bytes]:
         limits = self._limits
-        cap = min(exchange.route.policy.max_body_bytes if exchange.route else limits.max_body_bytes,
-                  limits.max_body_bytes)
+        cap = self._edge.body_cap(exchange)
         while True:
             try:
                 async with asyncio.timeout(limits.idle_timeout_s):

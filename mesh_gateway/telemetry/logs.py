@@ -8,17 +8,17 @@ they happen on the event loop rather than on a thread.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any, TextIO
+from json.encoder import encode_basestring_ascii as _quote  # the C escaper json.dumps(ensure_ascii=True) uses
+from typing import IO, TYPE_CHECKING, TextIO
 
 from mesh_gateway.config import AccessLog as AccessLogConfig
 from mesh_gateway.config import ConfigError
+from mesh_gateway.stamps import UtcStamps
 
 if TYPE_CHECKING:
     from mesh_gateway.pipeline import Exchange
@@ -26,34 +26,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh_gateway.access_log")
 
 
-def access_record(exchange: Exchange, duration_s: float, *, now: float, include_query: bool) -> dict[str, Any]:
+def access_line(exchange: Exchange, duration_s: float, *, stamp: str, include_query: bool) -> str:
+    """The access-log record as one line of JSON, keys in a fixed order.
+
+    Written out by hand rather than json.dumps of a dict (2-3x the cost; ~7 % of the gateway's CPU in the
+    end-to-end profile): every string value goes through the json module's own C escaper (ASCII-only output, as
+    `ensure_ascii=True`), numbers through int/float repr as json.dumps does, absent values as null.
+    tests/test_telemetry_access_line.py checks the line is byte-for-byte what json.dumps of the record would
+    write, hostile inputs included.
+    """
     info = exchange.info
     span = exchange.span
-    stamp = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    record: dict[str, Any] = {
-        "time": stamp,
-        "request_id": info.request_id,
-        "trace_id": span.trace_id or None,
-        "span_id": span.span_id or None,
-        "listener": info.listener,
-        "client": info.client_address,
-        "peer": str(info.peer_spiffe_id) if info.peer_spiffe_id else None,
-        "method": info.method,
-        "host": info.host,
-        "path": info.path,
-        "protocol": info.protocol,
-        "route": exchange.route.name if exchange.route else None,
-        "upstream": exchange.endpoint.key if exchange.endpoint else None,
-        "status": exchange.status,
-        "bytes_in": exchange.bytes_in,
-        "bytes_out": exchange.bytes_out,
-        "duration_ms": round(duration_s * 1000, 3),
-        "decision_id": (exchange.decision.decision_id or None) if exchange.decision else None,
-        "error": exchange.error.kind if exchange.error else None,
-    }
-    if include_query:
-        record["query"] = info.query
-    return record
+    trace_id = span.trace_id
+    span_id = span.span_id
+    peer = info.peer_spiffe_id
+    route = exchange.route
+    endpoint = exchange.endpoint
+    decision_id = exchange.decision.decision_id if exchange.decision else ""
+    error = exchange.error
+    query = f',"query":{_quote(info.query)}' if include_query else ""
+    return (f'{{"time":"{stamp}","request_id":{_quote(info.request_id)},'
+            f'"trace_id":{_quote(trace_id) if trace_id else "null"},'
+            f'"span_id":{_quote(span_id) if span_id else "null"},'
+            f'"listener":{_quote(info.listener)},"client":{_quote(info.client_address)},'
+            f'"peer":{_quote(str(peer)) if peer else "null"},"method":{_quote(info.method)},'
+            f'"host":{_quote(info.host)},"path":{_quote(info.path)},"protocol":{_quote(info.protocol)},'
+            f'"route":{_quote(route.name) if route else "null"},'
+            f'"upstream":{_quote(endpoint.key) if endpoint else "null"},'
+            f'"status":{int(exchange.status)},"bytes_in":{int(exchange.bytes_in)},'
+            f'"bytes_out":{int(exchange.bytes_out)},"duration_ms":{round(duration_s * 1000, 3)!r},'
+            f'"decision_id":{_quote(decision_id) if decision_id else "null"},'
+            f'"error":{_quote(error.kind) if error else "null"}{query}}}')
 
 
 class LineBuffer:
@@ -72,7 +75,7 @@ class LineBuffer:
         self.lost = 0
 
     def add(self, line: str) -> None:
-        self._pending.append(line + "\n")
+        self._pending.append(line)
         self._pending_bytes += len(line) + 1
         if self._pending_bytes >= self._buffer_bytes:
             self.flush()
@@ -82,7 +85,7 @@ class LineBuffer:
             return
         lines, self._pending, self._pending_bytes = self._pending, [], 0
         try:
-            self._out.write("".join(lines))
+            self._out.write("\n".join(lines) + "\n")
             self._out.flush()
         except (OSError, ValueError) as exc:  # disk full or stream closed: lose the batch, keep serving
             self.lost += len(lines)
@@ -103,6 +106,7 @@ class AccessLog:
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._clock = clock
+        self._stamps = UtcStamps()
         self._owned: TextIO | None = None
         if stream is None and config.path != "-":
             try:
@@ -114,10 +118,8 @@ class AccessLog:
                                  buffer_bytes=config.buffer_bytes, flush_interval_s=config.flush_interval_s)
 
     def record(self, exchange: Exchange, duration_s: float) -> None:
-        line = json.dumps(access_record(exchange, duration_s, now=self._clock(),
-                                        include_query=self._config.include_query),
-                          separators=(",", ":"), ensure_ascii=True)
-        self._lines.add(line)
+        self._lines.add(access_line(exchange, duration_s, stamp=self._stamps(self._clock()),
+                                    include_query=self._config.include_query))
 
     def flush(self) -> None:
         self._lines.flush()

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from mesh_gateway.errors import UpstreamIdentityMismatch, UpstreamUnavailable
 from mesh_gateway.model import BodyPrefix, Decision, RequestInfo, Route
+from mesh_gateway.telemetry.request_series import RequestSeries
 from mesh_gateway.telemetry.semconv import KNOWN_METHODS
 
 if TYPE_CHECKING:
@@ -44,11 +45,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         r = self.registry
-        self.requests = Counter("mesh_gateway_requests", "Requests answered, by route, method and status code.",
-                                ("route", "method", "code"), registry=r)
-        self.request_duration = Histogram("mesh_gateway_request_duration_seconds",
-                                          "Time from request head to the last response byte.", ("route",),
-                                          buckets=_BUCKETS, registry=r)
+        self._requests = RequestSeries(_BUCKETS)  # requests_total and request_duration_seconds, lock-free
+        r.register(self._requests)
         self.upstream_connect_errors = Counter("mesh_gateway_upstream_connect_errors",
                                                "Upstream connections that failed or were rejected.",
                                                ("service", "reason"), registry=r)
@@ -75,8 +73,7 @@ class Metrics:
     def request_done(self, exchange: Exchange, duration_s: float) -> None:
         route = exchange.route.name if exchange.route else NO_ROUTE
         method = exchange.info.method if exchange.info.method in KNOWN_METHODS else "OTHER"
-        self.requests.labels(route, method, str(exchange.status)).inc()
-        self.request_duration.labels(route).observe(duration_s)
+        self._requests.observe(route, method, exchange.status, duration_s)
         if exchange.route is not None:
             service = exchange.route.service
             if isinstance(exchange.error, UpstreamUnavailable | UpstreamIdentityMismatch):
@@ -85,11 +82,6 @@ class Metrics:
                 self.upstream_retries.labels(service).inc(exchange.retries)
 
     # -- called by other features --------------------------------------------------------------------------
-    def authz_decision(self, result: str, duration_s: float) -> None:
-        """`result` is one of allow, deny, error."""
-        self.authz_decisions.labels(result).inc()
-        self.authz_duration.labels(result).observe(duration_s)
-
     def upstream_connect_error(self, service: str, reason: str) -> None:
         self.upstream_connect_errors.labels(service, reason).inc()
 
@@ -168,6 +160,9 @@ class MeteredAuthorizer:
     def __init__(self, inner: Authorizer, metrics: Metrics) -> None:
         self._inner = inner
         self._metrics = metrics
+        # result → (counter child, histogram child), resolved on first use: `labels()` per decision took a lock and
+        # built a key each time. Lazily, so /metrics shows no series for a result that never happened (as before).
+        self._series: dict[str, tuple[Counter, Histogram]] = {}
 
     async def check(self, info: RequestInfo, route: Route, exchange: Exchange,
                     body: BodyPrefix | None = None) -> Decision:
@@ -179,4 +174,11 @@ class MeteredAuthorizer:
             result = "allow" if decision.allowed else "deny"
             return decision
         finally:
-            self._metrics.authz_decision(result, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            series = self._series.get(result)
+            if series is None:
+                metrics = self._metrics
+                series = self._series[result] = (metrics.authz_decisions.labels(result),
+                                                 metrics.authz_duration.labels(result))
+            series[0].inc()
+            series[1].observe(elapsed)
