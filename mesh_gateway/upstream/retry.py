@@ -27,6 +27,7 @@ from mesh_gateway.model import Body, Catalog, Endpoint, Response, Route
 from mesh_gateway.pipeline import Exchange, Forwarder, UpstreamRequest
 from mesh_gateway.upstream.balancing import HealthAwarePicker
 from mesh_gateway.upstream.circuit import Circuits
+from mesh_gateway.upstream.deadline import await_until
 from mesh_gateway.upstream.h1 import H1Forwarder
 from mesh_gateway.upstream.outlier import OutlierDetector
 from mesh_gateway.watch import Watch
@@ -142,7 +143,8 @@ class ResilientForwarder:
         loop = asyncio.get_running_loop()
         # One deadline for the whole request (route timeout → 504, never retried). Each attempt runs under a single
         # timer ending at the earlier of that deadline and its own per-try limit, rather than a scope per limit:
-        # every scope costs a timer, and the one that ends first decides which timeout it was anyway.
+        # every scope costs a timer, and the one that ends first decides which timeout it was anyway. (await_until
+        # is asyncio.timeout_at without most of its cost; the rare retry path below keeps the stdlib one.)
         deadline = loop.time() + policy.timeout_s
         per_try = policy.per_try_timeout_s
         body = ReplayableBody(request.body, self._settings.max_replay_bytes) if request.body is not None else None
@@ -156,9 +158,8 @@ class ResilientForwarder:
             try_deadline = deadline if per_try is None else min(deadline, loop.time() + per_try)
             try:
                 # Without a body the request is sent as it is; a body gets a fresh stream that replays what was kept.
-                async with asyncio.timeout_at(try_deadline):
-                    response = await self._try(request if body is None else replace(request, body=body.stream()),
-                                               endpoint, route, exchange)
+                response = await await_until(loop, try_deadline, self._try(
+                    request if body is None else replace(request, body=body.stream()), endpoint, route, exchange))
             except (GatewayError, TimeoutError) as failure:
                 if isinstance(failure, TimeoutError):
                     if try_deadline >= deadline:
