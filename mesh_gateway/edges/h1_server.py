@@ -88,6 +88,7 @@ class H1Connection(asyncio.Protocol):
         self._server = server
         self._edge = server.edge
         self._limits = server.edge.limits
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._facts = NO_FACTS
@@ -159,7 +160,7 @@ class H1Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
@@ -237,7 +238,7 @@ class H1Connection(asyncio.Protocol):
             self._idle.cancel()
             self._idle = None
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._answer_queue())
+            self._task = self._loop.create_task(self._answer_queue())
         self._flow()
         return request
 
@@ -324,7 +325,7 @@ class H1Connection(asyncio.Protocol):
             elif self._lost:
                 raise ClientClosedRequest("client went away while sending the request body")
             else:
-                request.waiter = asyncio.get_running_loop().create_future()
+                request.waiter = self._loop.create_future()
                 try:
                     async with asyncio.timeout(self._limits.idle_timeout_s):
                         await request.waiter
@@ -388,7 +389,7 @@ class H1Connection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self._limits.idle_timeout_s, self._idle_expired)
+        self._idle = self._loop.call_later(self._limits.idle_timeout_s, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle = None

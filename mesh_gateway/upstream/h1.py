@@ -13,6 +13,7 @@ closed it while idle) is retried once on a new connection when its body can be r
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -77,7 +78,7 @@ class H1Forwarder:
         return conn
 
     def _checkout(self, pool: _Pool) -> UpstreamConnection | None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while pool.idle:
             conn = pool.idle.pop()  # most recently used first: the warmest, least likely to have timed out
             if not conn.closed and now - conn.idle_since < self._keepalive_s:
@@ -87,7 +88,7 @@ class H1Forwarder:
 
     def _checkin(self, pool: _Pool, conn: UpstreamConnection) -> None:
         if conn.reusable and not conn.closed and not conn.chunks and (conn.sender is None or conn.sender.done()):
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = time.monotonic()
             pool.idle.append(conn)
         else:
             conn.close()
