@@ -70,6 +70,8 @@ class Variant:
             parts.append(f"{f.workers} workers")
         if self.path != "/":
             parts.append("16 KiB body")
+        if f.http1_server != "h1":
+            parts.append(f"{f.http1_server} server")
         return " + ".join(parts)
 
     def available(self) -> tuple[Variant | None, str]:
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="DIR", default="",
                         help="after the rounds, profile the gateway with py-spy under one more wrk run; "
                              "raw stacks and a top-functions table go to DIR")
+    parser.add_argument("--http1-server", choices=("h1", "aiohttp"), default="h1",
+                        help="the gateway's HTTP/1.1 server (listeners[].server), to compare the two")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the gateway")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, certs, logs)")
     parser.add_argument("--smoke", action="store_true", help="1 s, one round, no warm-up, plain+tls only")
@@ -347,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [v for key in args.variants.split(",") for v in VARIANTS if v.key == key.strip()]
     if not chosen:
         parser.error(f"no known variant in {args.variants!r}")
+    chosen = [replace(v, features=replace(v.features, http1_server=args.http1_server)) for v in chosen]
     root = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     sup = Supervisor()
     print(f"work dir: {root}", file=sys.stderr, flush=True)

@@ -136,6 +136,7 @@ class Features:
     authz: bool = False
     trace_ratio: float | None = None
     workers: int = 1
+    http1_server: str = "h1"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,6 +159,8 @@ def gateway_config(root: Path, pki: Pki, port: int, admin_port: int, upstream: U
                    features: Features) -> dict[str, Any]:
     endpoint: dict[str, Any]
     listener: dict[str, Any] = {"name": "edge", "address": f"127.0.0.1:{port}"}
+    if features.http1_server != "h1":
+        listener["server"] = features.http1_server
     if features.tls:
         listener["tls"] = {"client_auth": "optional"}
         endpoint = {"address": "127.0.0.1", "port": upstream.mtls, "spiffe_id": pki.upstream_id, "tls": "mtls"}

@@ -24,6 +24,7 @@ from typing import Any
 import regorus
 
 from mesh_gateway.authz import jwt
+from mesh_gateway.authz.input_shape import Shape, input_shape, prune
 from mesh_gateway.authz.policyset import PolicyError, PolicySource, nest, read, signature
 from mesh_gateway.watch import Watch
 
@@ -100,6 +101,8 @@ class PolicyState:
     last_error: str = ""
     last_error_at: float = 0.0
     engine: Any = None
+    input_shape: Shape | None = None
+    """The parts of the input the set can read (authz/input_shape.py); None: all of it."""
 
 
 class EmbeddedEngine:
@@ -132,7 +135,7 @@ class EmbeddedEngine:
         engine = compile_source(source, rego_v0=self._rego_v0, clock=self._jwt_clock, probe_queries=self._probes)
         self._thread = threading.get_ident()
         state = PolicyState(source.root, source.revision, self._wall(), len(source.modules) + len(source.data),
-                            engine=engine)
+                            engine=engine, input_shape=input_shape(engine.get_ast_as_json()))
         self.state.publish(state)
         log.info("policy set %s loaded from %s (%d files)", source.revision, source.root, state.files)
         return state
@@ -153,7 +156,7 @@ class EmbeddedEngine:
                 else f"{type(exc).__name__}: {exc}")
             current = self.state.get()
             self.state.publish(PolicyState(current.root, current.revision, current.loaded_at, current.files,
-                                           message, self._wall(), current.engine))
+                                           message, self._wall(), current.engine, current.input_shape))
             log.error("policy set rejected, revision %s keeps serving: %s", current.revision or "(none)", message)
             return False
 
@@ -172,13 +175,16 @@ class EmbeddedEngine:
 
     def evaluate_sync(self, query: str, document: dict[str, Any]) -> Any:
         """The query's value for `document` as input; None when undefined. Raises EngineError."""
-        engine = self.state.get().engine
+        state = self.state.get()
+        engine = state.engine
         if engine is None:
             raise EngineError("no policy set loaded")
         if threading.get_ident() != self._thread:
             raise EngineError("policy engine used from a foreign thread")
+        shape = state.input_shape
         try:
-            engine.set_input(document)
+            # Only what the policies can read: converting the whole document into regorus costs twice as much.
+            engine.set_input(document if shape is None else prune(document, shape))
             return engine.eval_rule(query)
         except RuntimeError as exc:
             raise EngineError(short_error(exc)) from None
