@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
+from mesh_gateway.config import Limits
+from mesh_gateway.edges.http import HttpEdge
+from mesh_gateway.edges.listener import HttpListener
+from mesh_gateway.model import Catalog, Endpoint, EndpointSet, Route, RouteMatch, RoutePolicy, RouteTable, SpiffeId
+from mesh_gateway.model import Response as ModelResponse
+from mesh_gateway.pipeline import AllowAll, Pipeline
+from mesh_gateway.process import bind
+from mesh_gateway.routing import compile_routes
+from mesh_gateway.watch import Watch
 from tests.support import gateway_config, running
 from tests.test_edge_e2e import web_catalog
 
@@ -176,3 +186,39 @@ async def test_requests_that_cannot_be_read_safely_get_400_and_a_close(config, r
         assert status == 400 and headers["connection"] == "close"
         assert await closed(reader)
         writer.close()
+
+
+class BrokenStreamForwarder:
+    """An upstream leg whose body stream fails with something that is not a GatewayError (a bug, not a client)."""
+
+    async def forward(self, request, endpoint, route, exchange):  # type: ignore[no-untyped-def]
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first part"
+            raise RuntimeError("bug in a body stream")
+
+        return ModelResponse(200, [("content-type", "text/plain")], body())
+
+
+async def test_a_failure_inside_the_server_closes_that_connection_and_serves_the_next():
+    endpoint = Endpoint("127.0.0.1", 9, tls="plain")
+    route = Route("all", RouteMatch(), "svc", RoutePolicy(authz_enabled=False, upstream_security="plain"))
+    pipeline = Pipeline(routes=Watch(compile_routes(RouteTable((route,)))),
+                        catalog=Watch(Catalog({"svc": EndpointSet("svc", (endpoint,))})), authorizer=AllowAll(),
+                        forwarder=BrokenStreamForwarder(), gateway_id=lambda: SpiffeId("mesh.local", "/gw"))
+    listener = HttpListener(HttpEdge(name="public", pipeline=pipeline, limits=Limits(), tls=False),
+                            ssl_context=None, drain_timeout_s=1)
+    sock = bind("127.0.0.1:0")
+    await listener.start(sock)
+    host, port = sock.getsockname()[:2]
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers = await read_head(reader)
+            rest = await asyncio.wait_for(reader.read(), 10)  # ends: the gateway cut the connection
+            writer.close()
+            # The body never looks whole: the terminating chunk is missing.
+            assert (status, headers["transfer-encoding"]) == (200, "chunked")
+            assert b"first part" in rest and not rest.endswith(b"0\r\n\r\n")
+    finally:
+        await listener.cleanup()

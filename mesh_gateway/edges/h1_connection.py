@@ -246,6 +246,11 @@ class H1Connection(asyncio.Protocol):
                     self._close()
                     return
                 self._flow()
+        except Exception:
+            # A bug, not a client: never leave the connection open with nobody answering on it.
+            log.exception("HTTP/1.1 connection failed; closing it")
+            self.abort()
+            return
         finally:
             self._task = None
         if self._upgrade is not None:
