@@ -76,7 +76,7 @@ def build_from_section(authz: Authz, gateway_id: Callable[[], SpiffeId | None], 
     evaluator: Evaluator
     if authz.engine == "embedded":
         embedded = EmbeddedEngine(authz.policies, rego_v0=authz.rego_version == "v0",
-                                  probe_queries=queries, poll_s=authz.reload_poll_s)
+                                  probe_queries=queries, poll_s=authz.reload_poll_s, memoise=authz.memoise)
         embedded.load()
         evaluator = embedded
     else:

@@ -58,28 +58,32 @@ def _aliases(imports: list[Any], source: str) -> dict[str, tuple[str, ...]]:
     """Names bound to parts of the input by `import input...` (`as` names read back from the source text)."""
     aliases: dict[str, tuple[str, ...]] = {"input": ()}
     for item in imports:
-        root, path = _static_ref(item["refr"])
+        try:
+            root, *path = ref_parts(item["refr"])
+        except ValueError:
+            raise _Unknown from None
         if root != "input":
             continue
         alias = item.get("as")
         name = source[alias["start"]:alias["end"]] if alias else (path[-1] if path else "input")
-        aliases[name] = path
+        aliases[name] = tuple(path)
     return aliases
 
 
-def _static_ref(node: Any) -> tuple[str, tuple[str, ...]]:
-    """An import's reference: its root variable and the dotted path after it (imports allow nothing else)."""
+def ref_parts(node: Any) -> tuple[str, ...]:
+    """A dotted reference in regorus' AST (a `Var` under `RefDot`s: `input.a.b`, `data.pkg`, a package name) as
+    its parts. ValueError for anything else (brackets, calls)."""
     fields: list[str] = []
     while isinstance(node, dict) and len(node) == 1 and "RefDot" in node:
         field = node["RefDot"]["field"]
         name = field[1] if isinstance(field, list) else field
         if not isinstance(name, str):
-            raise _Unknown
+            raise ValueError("not a dotted reference")
         fields.append(name)
         node = node["RefDot"]["refr"]
     if not (isinstance(node, dict) and len(node) == 1 and "Var" in node):
-        raise _Unknown
-    return node["Var"]["value"], tuple(reversed(fields))
+        raise ValueError("not a dotted reference")
+    return (node["Var"]["value"], *reversed(fields))
 
 
 def _collect(node: Any, aliases: dict[str, tuple[str, ...]], paths: list[tuple[str, ...]]) -> bool:

@@ -25,6 +25,7 @@ import regorus
 
 from mesh_gateway.authz import jwt
 from mesh_gateway.authz.input_shape import Shape, input_shape, prune
+from mesh_gateway.authz.memo import DecisionMemo, deterministic, freeze
 from mesh_gateway.authz.policyset import PolicyError, PolicySource, nest, read, signature
 from mesh_gateway.watch import Watch
 
@@ -103,6 +104,8 @@ class PolicyState:
     engine: Any = None
     input_shape: Shape | None = None
     """The parts of the input the set can read (authz/input_shape.py); None: all of it."""
+    memo: DecisionMemo | None = None
+    """Results by pruned input, for a set whose results depend on nothing else (authz/memo.py)."""
 
 
 class EmbeddedEngine:
@@ -110,13 +113,14 @@ class EmbeddedEngine:
 
     def __init__(self, root: Path, *, rego_v0: bool = False, probe_queries: tuple[str, ...] = (),
                  poll_s: float = POLL_S, wall: Callable[[], float] = time.time,
-                 jwt_clock: jwt.Clock = time.time_ns) -> None:
+                 jwt_clock: jwt.Clock = time.time_ns, memoise: bool = True) -> None:
         self.root = root
         self._rego_v0 = rego_v0
         self._probes = probe_queries
         self._poll_s = poll_s
         self._wall = wall
         self._jwt_clock = jwt_clock
+        self._memoise = memoise
         self._thread = 0
         self._signature: tuple[tuple[str, int, int], ...] = ()
         self.state: Watch[PolicyState] = Watch(PolicyState(str(root)))
@@ -134,8 +138,11 @@ class EmbeddedEngine:
     def _install(self, source: PolicySource) -> PolicyState:
         engine = compile_source(source, rego_v0=self._rego_v0, clock=self._jwt_clock, probe_queries=self._probes)
         self._thread = threading.get_ident()
+        ast = engine.get_ast_as_json()
+        shape = input_shape(ast)
         state = PolicyState(source.root, source.revision, self._wall(), len(source.modules) + len(source.data),
-                            engine=engine, input_shape=input_shape(engine.get_ast_as_json()))
+                            engine=engine, input_shape=shape,
+                            memo=DecisionMemo() if self._memoise and deterministic(ast, shape) else None)
         self.state.publish(state)
         log.info("policy set %s loaded from %s (%d files)", source.revision, source.root, state.files)
         return state
@@ -156,7 +163,8 @@ class EmbeddedEngine:
                 else f"{type(exc).__name__}: {exc}")
             current = self.state.get()
             self.state.publish(PolicyState(current.root, current.revision, current.loaded_at, current.files,
-                                           message, self._wall(), current.engine, current.input_shape))
+                                           message, self._wall(), current.engine, current.input_shape,
+                                           current.memo))
             log.error("policy set rejected, revision %s keeps serving: %s", current.revision or "(none)", message)
             return False
 
@@ -182,16 +190,27 @@ class EmbeddedEngine:
         if threading.get_ident() != self._thread:
             raise EngineError("policy engine used from a foreign thread")
         shape = state.input_shape
+        # Only what the policies can read: converting the whole document into regorus costs twice as much.
+        given = document if shape is None else prune(document, shape)
+        memo = state.memo
+        frozen = freeze(given) if memo is not None else None
+        key = (query, frozen)
+        if memo is not None and frozen is not None:
+            hit, value = memo.get(key)
+            if hit:
+                return value
         try:
-            # Only what the policies can read: converting the whole document into regorus costs twice as much.
-            engine.set_input(document if shape is None else prune(document, shape))
-            return engine.eval_rule(query)
+            engine.set_input(given)
+            value = engine.eval_rule(query)
         except RuntimeError as exc:
             raise EngineError(short_error(exc)) from None
         except BaseException as exc:
             if _is_panic(exc):
                 raise EngineError(f"policy engine panicked: {short_error(exc)}") from None
             raise
+        if memo is not None and frozen is not None:
+            memo.put(key, value)
+        return value
 
     async def evaluate(self, query: str, document: dict[str, Any]) -> tuple[Any, str]:
         return self.evaluate_sync(query, document), ""

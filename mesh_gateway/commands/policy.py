@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_gateway.authz.decision import DecisionError, parse_decision
+from mesh_gateway.authz.input_shape import ref_parts
 from mesh_gateway.authz.policyset import PolicyError, read
 from mesh_gateway.authz.rego import EngineError, compile_source, short_error
 from mesh_gateway.config import normalise_query
@@ -40,20 +41,11 @@ def register(sub: Any) -> None:
     evaluate.set_defaults(handler=handle_eval)
 
 
-def _ref_path(node: dict[str, Any]) -> list[str]:
-    """A package reference from regorus's AST (`Var` / `RefDot` chain) as its dotted parts."""
-    if "Var" in node:
-        return [node["Var"]["value"]]
-    if "RefDot" in node:
-        return [*_ref_path(node["RefDot"]["refr"]), node["RefDot"]["field"][1]]
-    raise ValueError(f"unsupported package reference {sorted(node)}")
-
-
 def discover_tests(engine: Any) -> list[tuple[str, str]]:
     """(file, data.pkg.test_name) for every test rule, in file order, each once."""
     found: dict[str, str] = {}
     for module in json.loads(engine.get_ast_as_json()):
-        package = "data." + ".".join(_ref_path(module["ast"]["package"]["refr"]))
+        package = "data." + ".".join(ref_parts(module["ast"]["package"]["refr"]))
         for rule in module["ast"]["rules"]:
             head = rule.get("Spec", {}).get("head", {})
             ref = head.get("Compr", {}).get("refr", {})

@@ -43,6 +43,9 @@ class Authz(Model):
     query: RegoQuery = "data.envoy.authz.allow"
     rego_version: Literal["v1", "v0"] = "v1"
     reload_poll_s: float = Field(default=0.25, gt=0, le=1.0)
+    memoise: bool = True
+    """Embedded engine: remember the results of a policy set that depends only on the input fields it reads
+    (no clock, randomness or network built-ins), keyed by those fields, per revision (docs/authz.md)."""
     opa: OpaServer | None = None
     dry_run: bool = False
     decision_log: DecisionLogConfig = DecisionLogConfig()
