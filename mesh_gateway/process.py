@@ -73,11 +73,7 @@ async def serve_edge(edge: HttpEdge, address: str, ssl_context: ssl.SSLContext |
     """Bind `address` and serve `edge` on it (HTTP/1.1); returns the listener (to clean up) and the bound address."""
     sock = bind(address)
     listener = HttpListener(edge, ssl_context=ssl_context, drain_timeout_s=drain_timeout_s)
-    try:
-        await listener.start(sock)
-    except BaseException:
-        sock.close()
-        raise
+    await listener.start(sock)
     host, port = sock.getsockname()[:2]
     return listener, (host, port)
 

@@ -193,12 +193,14 @@ class EmbeddedEngine:
         # Only what the policies can read: converting the whole document into regorus costs twice as much.
         given = document if shape is None else prune(document, shape)
         memo = state.memo
-        frozen = freeze(given) if memo is not None else None
-        key = (query, frozen)
-        if memo is not None and frozen is not None:
-            hit, value = memo.get(key)
-            if hit:
-                return value
+        key = None
+        if memo is not None:
+            frozen = freeze(given)
+            if frozen is not None:  # None: too much text to remember
+                key = (query, frozen)
+                hit, value = memo.get(key)
+                if hit:
+                    return value
         try:
             engine.set_input(given)
             value = engine.eval_rule(query)
@@ -208,7 +210,7 @@ class EmbeddedEngine:
             if _is_panic(exc):
                 raise EngineError(f"policy engine panicked: {short_error(exc)}") from None
             raise
-        if memo is not None and frozen is not None:
+        if memo is not None and key is not None:
             memo.put(key, value)
         return value
 

@@ -35,6 +35,14 @@ class HttpListener:
         self._runner: web.ServerRunner | None = None
 
     async def start(self, sock: socket.socket) -> None:
+        """Serve on the bound `sock`; it is closed again if serving cannot start."""
+        try:
+            await self._start(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _start(self, sock: socket.socket) -> None:
         if self._kind == "aiohttp":
             await self._start_aiohttp(sock)
             return
